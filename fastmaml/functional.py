@@ -1,0 +1,80 @@
+"""Running a model on many tasks at once, and the per-task losses.
+
+``TaskBatchedModel`` evaluates one ``nn.Module`` with T different sets of adapted parameters on T
+different inputs in one batched computation (``torch.func.vmap`` over ``functional_call``);
+parameters that are not adapted are shared by all tasks.
+
+BatchNorm follows the MAML paper: statistics of the current batch, per task, in training and in
+evaluation alike (transductive); running statistics are neither read nor updated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .layout import FlatLayout
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Make every BatchNorm of ``model`` normalize with the current batch's statistics."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.training, m.track_running_stats))
+            m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training, m.track_running_stats = training, track
+
+
+def is_classification(y: Tensor) -> bool:
+    return not (y.is_floating_point() or y.is_complex())
+
+
+def default_loss(y: Tensor) -> LossFn:
+    """Cross-entropy for integer labels, mean squared error for float targets."""
+    return F.cross_entropy if is_classification(y) else F.mse_loss
+
+
+def task_losses(pred: Tensor, y: Tensor, loss_fn: Optional[LossFn]) -> Tensor:
+    """[T]: ``loss_fn(pred[t], y[t])`` for every task t."""
+    T = pred.shape[0]
+    if loss_fn is None and is_classification(y):
+        return F.cross_entropy(pred.flatten(0, 1), y.flatten(), reduction="none").view(T, -1).mean(1)
+    if loss_fn is None:
+        return (pred - y).pow(2).flatten(1).mean(1)
+    return vmap(loss_fn)(pred, y)
+
+
+def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:
+    """[T]: fraction of correct argmax predictions per task."""
+    return (pred.argmax(-1) == y).to(pred.dtype).mean(1)
+
+
+class TaskBatchedModel:
+    """``forward(flat, x)``: the model with adapted parameters ``flat`` ([P] shared or [T, P]) on
+    inputs ``x`` [T, N, ...], giving [T, N, ...] outputs."""
+
+    def __init__(self, model: nn.Module, layout: FlatLayout) -> None:
+        self.model = model
+        self.layout = layout
+
+    def _one_task(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
+        if flat.dim() == 1:
+            flat = flat.expand(x.shape[0], -1)
+        with batch_statistics(self.model):
+            return vmap(self._one_task)(self.layout.views(flat), x)

@@ -1,0 +1,163 @@
+"""Which kernel implementations exist on this install, and which one serves a call.
+
+Backends:
+
+=========  ==========================================  =====================================
+name       implementation                              runs on
+=========  ==========================================  =====================================
+torch      ``fastmaml.reference.ops`` (plain PyTorch)  any device
+cpp        ``torch.ops.fastmaml`` from ``fastmaml._C``  CPU tensors
+cuda       ``torch.ops.fastmaml`` from ``fastmaml._C``  CUDA tensors (a CUDA build of the extension)
+triton     ``torch.ops.fastmaml_triton``               CUDA tensors; CPU under TRITON_INTERPRET=1
+=========  ==========================================  =====================================
+
+Each optional piece is probed once, on first use; ``auto`` quietly takes the fastest one available
+for the tensors' device (CPU: cpp, else torch; CUDA: cuda, else triton, else torch), while a backend
+asked for by name that cannot run raises an error that says why.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..reference import ops as reference_ops
+from .registry import register_family
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+_lock = threading.Lock()
+_probed: Dict[str, Tuple[bool, str]] = {}
+_selected: Optional[str] = None
+
+
+def _probe_extension() -> Tuple[bool, str]:
+    if os.environ.get("FASTMAML_NO_EXT") == "1":
+        reason = "FASTMAML_NO_EXT=1 is set"
+    else:
+        try:
+            import fastmaml._C  # noqa: F401  (loading it registers torch.ops.fastmaml)
+
+            register_family("fastmaml", None)
+            return True, "compiled extension fastmaml._C"
+        except ImportError as e:
+            reason = f"the C++ extension fastmaml._C is not built or failed to load ({e})"
+    # The op namespace exists on every install: without the extension, its kernels are the reference.
+    register_family("fastmaml", reference_ops)
+    return False, reason
+
+
+def _probe_cuda_kernels() -> Tuple[bool, str]:
+    ok, why = probe("cpp")
+    if not ok:
+        return False, why
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmaml::inner_update", "CUDA"):
+        return False, "fastmaml._C was built without CUDA kernels (a CPU build of torch, or no nvcc)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available"
+    return True, "CUDA kernels in fastmaml._C"
+
+
+def _probe_triton() -> Tuple[bool, str]:
+    try:
+        from ..triton import ops as triton_ops
+    except ImportError as e:
+        return False, f"triton is not installed or failed to import ({e})"
+    register_family("fastmaml_triton", triton_ops)
+    return True, "triton " + getattr(__import__("triton"), "__version__", "?")
+
+
+def probe(name: str) -> Tuple[bool, str]:
+    """(available, reason) for a backend; cached after the first call."""
+    if name == "torch":
+        return True, "plain PyTorch"
+    with _lock:
+        if name not in _probed:
+            if name == "cpp":
+                _probed[name] = _probe_extension()
+            elif name == "triton":
+                _probed[name] = _probe_triton()
+    if name == "cuda" and name not in _probed:
+        _probed[name] = _probe_cuda_kernels()
+    if name not in _probed:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return _probed[name]
+
+
+def triton_runs_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends() -> Dict[str, str]:
+    """Every backend with 'available' or the reason it is not."""
+    out = {}
+    for name in BACKENDS[1:]:
+        ok, why = probe(name)
+        out[name] = "available" if ok else why
+    return out
+
+
+def _check_explicit(name: str) -> None:
+    ok, why = probe(name)
+    if not ok:
+        raise RuntimeError(f"fastmaml kernel backend {name!r} is unavailable: {why}")
+
+
+def set_backend(name: str) -> None:
+    """Select the kernel backend for every fused op: 'auto', 'torch', 'cpp', 'cuda' or 'triton'."""
+    global _selected
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name != "auto":
+        _check_explicit(name)
+    _selected = name
+
+
+def get_backend() -> str:
+    """The selected backend name (``FASTMAML_KERNELS`` if set, else 'auto')."""
+    global _selected
+    if _selected is None:
+        set_backend(os.environ.get("FASTMAML_KERNELS", "auto") or "auto")
+    return _selected  # type: ignore[return-value]
+
+
+def resolve(device: torch.device, name: Optional[str] = None) -> str:
+    """The concrete backend that serves tensors on ``device``."""
+    name = name or get_backend()
+    if name == "auto":
+        if device.type == "cuda":
+            for cand in ("cuda", "triton"):
+                if probe(cand)[0]:
+                    return cand
+            return "torch"
+        if device.type == "cpu" and probe("cpp")[0]:
+            return "cpp"
+        return "torch"
+    _check_explicit(name)
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"fastmaml kernel backend 'cpp' runs on CPU tensors, got tensors on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"fastmaml kernel backend 'cuda' runs on CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type == "cpu" and not triton_runs_on_cpu():
+        raise RuntimeError(
+            "fastmaml kernel backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "fastmaml is imported to run its kernels on the CPU"
+        )
+    return name
+
+
+def implementation(backend: str) -> ModuleType:
+    """The object whose attributes are the four ops for a concrete backend."""
+    if backend == "torch":
+        return reference_ops
+    if backend in ("cpp", "cuda"):
+        probe("cpp")
+        return torch.ops.fastmaml
+    if backend == "triton":
+        probe("triton")
+        return torch.ops.fastmaml_triton
+    raise ValueError(f"not a concrete backend: {backend!r}")

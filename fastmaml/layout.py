@@ -1,0 +1,94 @@
+"""The flat layout of the adapted parameters (engine.md section 3).
+
+The P adapted numbers of a model are laid end to end, tensor after tensor, in ``named_parameters``
+order; the fast weights of T tasks are one ``[T, P]`` buffer, and each adapted tensor is a view of a
+column range. Segment ``i`` is the i-th adapted tensor: ``segments[p]`` names the tensor that
+element ``p`` belongs to, which is what per-layer learning rates index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+AdaptSpec = Union[None, Callable[[str, nn.Parameter], bool], Sequence[str]]
+
+
+def _is_batchnorm_param(module: nn.Module, name: str) -> bool:
+    owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return isinstance(owner, nn.modules.batchnorm._NormBase)
+
+
+def select_adapted(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> List[str]:
+    """Names of the parameters the inner loop adapts.
+
+    ``adapt``: None (every trainable parameter, BatchNorm affine ones only if ``adapt_bn``), a
+    predicate ``(name, param) -> bool``, or a list of names. Frozen parameters
+    (``requires_grad=False``) are never adapted.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    if adapt is None:
+        chosen = [n for n in names if adapt_bn or not _is_batchnorm_param(model, n)]
+    elif callable(adapt):
+        chosen = [n for n, p in named if adapt(n, p)]
+    else:
+        wanted = list(adapt)
+        if isinstance(adapt, str):
+            raise TypeError("adapt must be a list of parameter names or a predicate, got a str; wrap it in a list")
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise ValueError(f"adapt names unknown or frozen parameters {unknown}; trainable parameters are {names}")
+        chosen = [n for n in names if n in set(wanted)]
+    if not chosen:
+        raise ValueError("adapt selects no parameter: the inner loop would adapt nothing")
+    return chosen
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each adapted tensor lives in the flat [P] vector."""
+
+    names: Tuple[str, ...]
+    shapes: Tuple[torch.Size, ...]
+    offsets: Tuple[int, ...]  # len(names) + 1 entries; offsets[-1] == P
+
+    @classmethod
+    def of(cls, model: nn.Module, names: Sequence[str]) -> "FlatLayout":
+        params = dict(model.named_parameters())
+        shapes = tuple(params[n].shape for n in names)
+        offsets = [0]
+        for s in shapes:
+            offsets.append(offsets[-1] + s.numel())
+        return cls(tuple(names), shapes, tuple(offsets))
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.names)
+
+    def segments(self, device: torch.device) -> Tensor:
+        """int64 [P]: the index of the adapted tensor each element belongs to."""
+        sizes = torch.tensor([s.numel() for s in self.shapes], device=device)
+        return torch.repeat_interleave(torch.arange(len(self.shapes), device=device), sizes)
+
+    def flatten(self, tensors: Iterable[Tensor]) -> Tensor:
+        """Concatenate tensors (in layout order) into [P], or [T, P] when each carries a task dim."""
+        ts = list(tensors)
+        lead = ts[0].dim() - len(self.shapes[0])
+        return torch.cat([t.reshape(*t.shape[:lead], -1) for t in ts], dim=-1)
+
+    def views(self, flat: Tensor) -> Dict[str, Tensor]:
+        """name -> view of ``flat`` ([P] or [T, P]) in the parameter's shape (with the task dim first)."""
+        lead = flat.shape[:-1]
+        return {
+            n: flat[..., a:b].view(*lead, *s)
+            for n, s, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
+        }

@@ -1,0 +1,307 @@
+"""The public API: ``fastmaml.MAML``, a meta-learner around any ``nn.Module``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .engine import MEMORY_MODES, Engine
+from .functional import LossFn, TaskBatchedModel, batch_statistics, is_classification, task_accuracy, task_losses
+from .inner_lr import InnerLR
+from .layout import AdaptSpec, FlatLayout, select_adapted
+from .reference import maml as reference
+
+BACKENDS = ("engine", "reference")
+
+
+@dataclass
+class MetaStepOutput:
+    """What one meta-step measured (all detached).
+
+    loss: the meta-objective J (mean over tasks of the weighted query losses), 0-d.
+    task_losses: [T] query loss of each task after the inner steps.
+    task_accuracy: [T] query accuracy after the inner steps (classification), else None.
+    """
+
+    loss: Tensor
+    task_losses: Tensor
+    task_accuracy: Optional[Tensor]
+
+
+@dataclass
+class FastWeights:
+    """The adapted parameters of T tasks: ``flat`` [T, P], in the learner's layout."""
+
+    flat: Tensor
+    support_losses: Tensor  # [K, T]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.flat.shape[0]
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning with exact meta-gradients, batched over tasks.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch of inputs [N, ...] to outputs [N, ...].
+        inner_lr: the inner learning rate: a float, or one float per inner step.
+        inner_steps: K, the number of inner SGD steps in training.
+        first_order: drop the second-order term (FOMAML).
+        learn_lr: make the inner learning rates parameters that receive ``.grad``.
+        lr_mode: 'scalar', 'per_step', 'per_layer_per_step' (MAML++) or 'per_parameter'
+            (Meta-SGD); default 'scalar' for a float ``inner_lr``, 'per_step' for a sequence.
+        adapt: which parameters the inner loop adapts: None (all trainable ones, BatchNorm affine
+            parameters only when ``adapt_bn``), a list of names, or a predicate ``(name, param)``.
+            The others are still meta-learned, through the inner loop.
+        adapt_bn: adapt BatchNorm's scale and shift (the MAML paper does not).
+        multi_step_weights: w_1..w_K of the multi-step loss (MAML++); default: only w_K = 1.
+        memory: 'store' (keep the K iterates) or 'recompute' (keep about sqrt(K) checkpoints).
+        backend: 'engine' (task-batched) or 'reference' (the per-task oracle).
+        kernels: the fused-op backend for the engine ('auto', 'torch', 'cpp', 'cuda', 'triton');
+            None follows ``fastmaml.kernels.set_backend``.
+
+    BatchNorm always normalizes with per-task batch statistics (the paper's transductive mode).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: Union[float, Sequence[float]] = 0.4,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        learn_lr: bool = False,
+        lr_mode: Optional[str] = None,
+        adapt: AdaptSpec = None,
+        adapt_bn: bool = False,
+        multi_step_weights: Optional[Sequence[float]] = None,
+        memory: str = "store",
+        backend: str = "engine",
+        kernels: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if kernels is not None:
+            from .kernels import BACKENDS as KERNEL_BACKENDS
+
+            if kernels not in KERNEL_BACKENDS:
+                raise ValueError(f"kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {kernels!r}")
+        self.model = model
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.memory = memory
+        self.backend = backend
+        self.multi_step_weights = None if multi_step_weights is None else [float(w) for w in multi_step_weights]
+        if self.multi_step_weights is not None and len(self.multi_step_weights) != inner_steps:
+            raise ValueError(
+                f"multi_step_weights must have inner_steps={inner_steps} entries (w_1..w_K), "
+                f"got {len(self.multi_step_weights)}"
+            )
+        self.layout = FlatLayout.of(model, select_adapted(model, adapt, adapt_bn))
+        first = next(p for n, p in model.named_parameters() if n == self.layout.names[0])
+        self.inner_lr = InnerLR(inner_lr, inner_steps, self.layout, lr_mode, learn_lr, first.dtype, first.device)
+        self.engine = Engine(model, self.layout, self.inner_lr, kernels)
+        self._out_features: Dict[Tuple, int] = {}
+
+    @property
+    def adapted_names(self) -> Tuple[str, ...]:
+        return self.layout.names
+
+    # -- checks --------------------------------------------------------------------------------
+    def _weights(self, steps: int) -> Sequence[float]:
+        if self.multi_step_weights is None:
+            return [0.0] * (steps - 1) + [1.0]
+        if steps != len(self.multi_step_weights):
+            raise ValueError(
+                f"steps={steps} differs from the {len(self.multi_step_weights)} multi_step_weights"
+            )
+        return self.multi_step_weights
+
+    def _steps(self, steps: Optional[int]) -> int:
+        steps = self.inner_steps if steps is None else steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        self.inner_lr.check_steps(steps)
+        return steps
+
+    def _check_inputs(self, pairs: Sequence[Tuple[str, Tensor, str, Tensor]]) -> None:
+        ref = next(p for n, p in self.model.named_parameters() if n == self.layout.names[0])
+        T = None
+        for xname, x, yname, y in pairs:
+            for name, t in ((xname, x), (yname, y)):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+                if t.device != ref.device:
+                    raise ValueError(f"{name} is on {t.device} but the model is on {ref.device}")
+                if t.dim() < 2:
+                    raise ValueError(f"{name} must be task-batched [T, N, ...], got shape {_shape(t)}")
+            if not x.is_floating_point():
+                raise TypeError(f"{xname} must be a floating-point tensor of the model's dtype {ref.dtype}, got {x.dtype}")
+            if x.dtype != ref.dtype:
+                raise TypeError(f"{xname} has dtype {x.dtype} but the model's parameters are {ref.dtype}")
+            if T is None:
+                T = x.shape[0]
+            for name, t in ((xname, x), (yname, y)):
+                if t.shape[0] != T:
+                    raise ValueError(f"{name} has {t.shape[0]} tasks (shape {_shape(t)}) but {pairs[0][0]} has {T}")
+            if x.shape[1] == 0:
+                raise ValueError(f"{xname} is empty: every task needs at least one example, got shape {_shape(x)}")
+            if y.shape[:2] != x.shape[:2]:
+                raise ValueError(
+                    f"{yname} must have one target per example of {xname}: shape [{T}, {x.shape[1]}, ...], "
+                    f"got {_shape(y)}"
+                )
+            if y.is_floating_point():
+                if y.dtype != ref.dtype:
+                    raise TypeError(f"{yname} has dtype {y.dtype} but the model's parameters are {ref.dtype}")
+            elif y.dtype != torch.int64:
+                raise TypeError(f"{yname} must hold int64 class labels or float targets, got {y.dtype}")
+        if T == 0:
+            raise ValueError("the task batch is empty (T = 0)")
+        x0 = pairs[0][1]
+        out = self._output_features(x0)
+        for _, _, yname, y in pairs:
+            if is_classification(y):
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= out:
+                    raise ValueError(f"{yname} holds labels in [{lo}, {hi}] but the model outputs {out} classes")
+
+    def _output_features(self, x: Tensor) -> int:
+        """The model's output width for inputs shaped like x[0]; a probe forward on one task."""
+        key = tuple(x.shape[2:])
+        if key not in self._out_features:
+            try:
+                with torch.no_grad(), batch_statistics(self.model):
+                    out = self.model(x[0])
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"the model rejected inputs of shape {_shape(x[0])} (one task of {_shape(x)}): {e}") from e
+            self._out_features[key] = out.shape[-1] if out.dim() > 1 else 1
+        return self._out_features[key]
+
+    @staticmethod
+    def _check_finite(support_losses: Tensor, query_losses: Tensor, weights: Sequence[float]) -> None:
+        K = support_losses.shape[0]
+        bad = ~torch.isfinite(support_losses)
+        if bool(bad.any()):
+            k, t = (int(i) for i in bad.nonzero()[0])
+            raise FloatingPointError(
+                f"non-finite support (inner) loss {support_losses[k, t].item()} at inner step {k} of task {t}; "
+                "the model's parameters and .grad are unchanged"
+            )
+        rows = [k for k in range(1, K + 1) if k == K or weights[k - 1] != 0.0]
+        bad = ~torch.isfinite(query_losses[rows])
+        if bool(bad.any()):
+            i, t = (int(j) for j in bad.nonzero()[0])
+            raise FloatingPointError(
+                f"non-finite query loss {query_losses[rows[i], t].item()} after inner step {rows[i]} of task {t}; "
+                "the model's parameters and .grad are unchanged"
+            )
+
+    # -- training ------------------------------------------------------------------------------
+    def meta_step(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        loss_fn: Optional[LossFn] = None,
+        steps: Optional[int] = None,
+    ) -> MetaStepOutput:
+        """One meta-gradient for a batch of tasks; adds it to ``.grad`` like ``backward()`` does.
+
+        support_x [T, N*K, ...], support_y [T, N*K] (int64 labels, or float targets); query
+        likewise. ``loss_fn(pred, target) -> scalar`` for one task (default: cross-entropy for
+        int64 labels, mean squared error for float targets).
+        """
+        steps = self._steps(steps)
+        weights = self._weights(steps)
+        self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)))
+        if self.backend == "reference":
+            r = reference.meta_gradient(self.model, self.inner_lr, self.layout, support_x, support_y,
+                                        query_x, query_y, steps, self.first_order, weights, loss_fn)
+            self._check_finite(r.support_losses, r.query_losses_all, weights)
+            grads = r.param_grads
+            lr_grad = r.lr_grad
+        else:
+            r = self.engine.meta_gradient(support_x, support_y, query_x, query_y, steps, self.first_order,
+                                          weights, loss_fn, self.memory)
+            self._check_finite(r.support_losses, r.query_losses_all, weights)
+            grads = dict(self.layout.views(r.theta_grad))
+            grads.update(r.shared_grads)
+            lr_grad = r.lr_grad
+        for name, p in self.model.named_parameters():
+            if name in grads:
+                _accumulate(p, grads[name])
+        if lr_grad is not None:
+            _accumulate(self.inner_lr.lr, lr_grad)
+        return MetaStepOutput(r.objective, r.query_losses, r.query_accuracy)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None,
+              loss_fn: Optional[LossFn] = None) -> FastWeights:
+        """The fast weights of every task after ``steps`` inner steps (default: ``inner_steps``)."""
+        steps = self._steps(steps)
+        self._check_inputs((("support_x", support_x, "support_y", support_y),))
+        if self.backend == "reference":
+            flat, losses = self._reference_adapt(support_x, support_y, steps, loss_fn)
+        else:
+            flat, losses = self.engine.adapt(support_x, support_y, steps, loss_fn)
+        if not bool(torch.isfinite(losses).all()):
+            k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
+            raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
+        return FastWeights(flat, losses)
+
+    def _reference_adapt(self, sx, sy, steps, loss_fn):
+        loss_fn = loss_fn or (torch.nn.functional.cross_entropy if is_classification(sy) else torch.nn.functional.mse_loss)
+        lr = self.inner_lr.lr.detach()
+        flats, losses = [], torch.empty(steps, sx.shape[0], dtype=lr.dtype, device=lr.device)
+        with torch.enable_grad(), batch_statistics(self.model):
+            for t in range(sx.shape[0]):
+                fast = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+                for k in range(steps):
+                    fast, loss = reference.sgd_step(self.model, self.inner_lr, self.layout, fast, k,
+                                                    sx[t], sy[t], False, loss_fn, lr.to(sx.dtype))
+                    losses[k, t] = loss.detach()
+                flats.append(self.layout.flatten(fast[n].detach() for n in self.layout.names))
+        return torch.stack(flats), losses
+
+    @torch.no_grad()
+    def predict(self, fast: FastWeights, x: Tensor) -> Tensor:
+        """Outputs [T, M, ...] of each task's adapted model on its inputs x [T, M, ...]."""
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != fast.num_tasks:
+            got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [T={fast.num_tasks}, M, ...], got {got}")
+        return self.engine.batched.forward(fast.flat, x)
+
+    @torch.no_grad()
+    def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                 steps: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> MetaStepOutput:
+        """Adapt on the support sets, then the query loss (and accuracy) of every task."""
+        self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)))
+        fast = self.adapt(support_x, support_y, steps, loss_fn)
+        pred = self.predict(fast, query_x)
+        losses = task_losses(pred, query_y, loss_fn)
+        acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
+        return MetaStepOutput(losses.mean(), losses, acc)
+
+
+def _accumulate(p: Tensor, g: Tensor) -> None:
+    g = g.detach().to(p.dtype).view_as(p)
+    if p.grad is None:
+        p.grad = g.clone()
+    else:
+        p.grad.add_(g)
