@@ -1,0 +1,32 @@
+"""Peak memory of a meta-step is flat in the number of inner steps K (engine), unlike unrolled
+autograd (reference). Each configuration runs in a fresh process; the measure is the excess of the
+peak resident set over the process's baseline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
+
+
+def excess(*args: str) -> int:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, PROBE, *args], check=True, capture_output=True, text=True, env=env)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["peak"] - r["baseline"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via getrusage is read in KiB on Linux")
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+def test_engine_peak_memory_flat_in_K(memory):
+    k1, k20 = excess("engine", "1", memory), excess("engine", "20", memory)
+    assert k20 <= 1.5 * k1, (k1, k20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via getrusage is read in KiB on Linux")
+def test_reference_peak_memory_grows_with_K():
+    k1, k8 = excess("reference", "1"), excess("reference", "8")
+    assert k8 >= 2.0 * k1, (k1, k8)
