@@ -126,6 +126,17 @@ def _register_autograd(ns: str, lib: torch.library.Library) -> None:
     torch.library.register_autograd(f"{ns}::reverse_step", rs_backward, setup_context=rs_setup, lib=lib)
 
 
+def _on_contiguous(fn: Callable) -> Callable:
+    """Kernels index flat memory; autograd and torch.compile may hand them expanded or strided
+    tensors (the gradient of a sum is an expanded view), so make every tensor argument dense."""
+
+    def kernel(*args):
+        return fn(*(a.contiguous() if isinstance(a, Tensor) else a for a in args))
+
+    kernel.__name__ = getattr(fn, "__name__", "kernel")
+    return kernel
+
+
 def register_family(ns: str, kernels: Optional[ModuleType], device_types=("CPU", "CUDA")) -> None:
     """Make ``torch.ops.<ns>`` complete: schemas and kernels (when ``kernels`` is given: a module
     with the four functions), then fake kernels and autograd. ``kernels=None`` means the schemas and
@@ -137,7 +148,7 @@ def register_family(ns: str, kernels: Optional[ModuleType], device_types=("CPU",
         for name, schema in SCHEMAS.items():
             lib.define(schema)
             for key in device_types:
-                lib.impl(name, getattr(kernels, name), key)
+                lib.impl(name, _on_contiguous(getattr(kernels, name)), key)
     else:
         lib = torch.library.Library(ns, "FRAGMENT")
     _libraries[ns] = lib
