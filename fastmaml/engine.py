@@ -51,11 +51,12 @@ class EngineResult:
 class Engine:
     """Holds what one model needs across meta-steps: its layout, the batched model, the segments."""
 
-    def __init__(self, model: nn.Module, layout: FlatLayout, inner_lr: InnerLR, kernel_backend: Optional[str] = None):
+    def __init__(self, model: nn.Module, layout: FlatLayout, inner_lr: InnerLR,
+                 kernel_backend: Optional[str] = None, batching: str = "auto"):
         self.model = model
         self.layout = layout
         self.inner_lr = inner_lr
-        self.batched = TaskBatchedModel(model, layout)
+        self.batched = TaskBatchedModel(model, layout, batching)
         self.kernel_backend = kernel_backend
         self._segments: Dict[torch.device, Tensor] = {}
 

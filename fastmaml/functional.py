@@ -62,13 +62,26 @@ def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:
     return (pred.argmax(-1) == y).to(pred.dtype).mean(1)
 
 
+BATCHING = ("auto", "vmap", "loop")
+
+
 class TaskBatchedModel:
     """``forward(flat, x)``: the model with adapted parameters ``flat`` ([P] shared or [T, P]) on
-    inputs ``x`` [T, N, ...], giving [T, N, ...] outputs."""
+    inputs ``x`` [T, N, ...], giving [T, N, ...] outputs.
 
-    def __init__(self, model: nn.Module, layout: FlatLayout) -> None:
+    ``batching``: 'vmap' runs all tasks as one batched computation (``torch.func.vmap`` over
+    ``functional_call``: a convolution becomes one grouped convolution); 'loop' runs the tasks one
+    after another, each on its own rows of ``flat``; either way the result is one tensor and one
+    autograd graph. 'auto' takes vmap on accelerators, where one launch per layer instead of T
+    pays, and loop on the CPU, where it measured faster (bench/bench_meta_step.py).
+    """
+
+    def __init__(self, model: nn.Module, layout: FlatLayout, batching: str = "auto") -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.model = model
         self.layout = layout
+        self.batching = batching
 
     def _one_task(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
@@ -76,5 +89,13 @@ class TaskBatchedModel:
     def forward(self, flat: Tensor, x: Tensor) -> Tensor:
         if flat.dim() == 1:
             flat = flat.expand(x.shape[0], -1)
+        views = self.layout.views(flat)
+        batching = self.batching
+        if batching == "auto":
+            batching = "loop" if flat.device.type == "cpu" else "vmap"
         with batch_statistics(self.model):
-            return vmap(self._one_task)(self.layout.views(flat), x)
+            if batching == "vmap":
+                return vmap(self._one_task)(views, x)
+            return torch.stack([
+                self._one_task({n: v[t] for n, v in views.items()}, x[t]) for t in range(x.shape[0])
+            ])

@@ -67,6 +67,9 @@ class MAML(nn.Module):
         backend: 'engine' (task-batched) or 'reference' (the per-task oracle).
         kernels: the fused-op backend for the engine ('auto', 'torch', 'cpp', 'cuda', 'triton');
             None follows ``fastmaml.kernels.set_backend``.
+        batching: how the engine runs the model on T tasks at once: 'vmap' (one batched
+            computation), 'loop' (task after task, into one graph) or 'auto' (loop on the CPU,
+            vmap elsewhere).
 
     BatchNorm always normalizes with per-task batch statistics (the paper's transductive mode).
     """
@@ -85,6 +88,7 @@ class MAML(nn.Module):
         memory: str = "store",
         backend: str = "engine",
         kernels: Optional[str] = None,
+        batching: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -114,7 +118,7 @@ class MAML(nn.Module):
         self.layout = FlatLayout.of(model, select_adapted(model, adapt, adapt_bn))
         first = next(p for n, p in model.named_parameters() if n == self.layout.names[0])
         self.inner_lr = InnerLR(inner_lr, inner_steps, self.layout, lr_mode, learn_lr, first.dtype, first.device)
-        self.engine = Engine(model, self.layout, self.inner_lr, kernels)
+        self.engine = Engine(model, self.layout, self.inner_lr, kernels, batching)
         self._out_features: Dict[Tuple, int] = {}
 
     @property

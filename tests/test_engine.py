@@ -225,3 +225,21 @@ def test_kernel_backends_agree_inside_the_engine():
             continue
         other, _, _ = run(model, batch, "engine", inner_steps=2, learn_lr=True, lr_mode="per_layer_per_step", kernels=name)
         assert rel_err(other, base) <= TOL, name
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("feature,K", [("plain", 2), ("learn_lslr", 2), ("adapt_head_only", 1),
+                                       ("lslr_multi_step_recompute", 3)])
+def test_both_batching_strategies_match_reference(batching, feature, K):
+    torch.manual_seed(12 + K)
+    model = conv_bn().double()
+    batch = classification_batch(3, seed=12)
+    kw = _kwargs(feature, model, K)
+    ref, _, _ = run(model, batch, "reference", **kw)
+    eng, _, _ = run(model, batch, "engine", batching=batching, **kw)
+    assert rel_err(eng, ref) <= TOL
+
+
+def test_unknown_batching_is_refused():
+    with pytest.raises(ValueError, match=r"batching must be one of auto, vmap, loop"):
+        fastmaml.MAML(mlp(), batching="grouped")

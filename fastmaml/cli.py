@@ -1,0 +1,76 @@
+"""The ``fastmaml`` command: argument parsing and dispatch.
+
+Each subcommand lives in its own module, listed in :data:`COMMANDS`. A command module defines
+``COMMAND_HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``; adding a command is
+one line here. User mistakes (:class:`fastmaml.configs.UserError`) end in a one-line
+``fastmaml: error: ...`` on stderr and exit status 2 (1 for a training failure), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Dict, List, Optional
+
+#: subcommand name -> module implementing it
+COMMANDS: Dict[str, str] = {
+    "train": "fastmaml.train",
+    "eval": "fastmaml.evaluate",
+    "plot": "fastmaml.plots",
+    "configs": "fastmaml.configs",
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in the one-line ``fastmaml: error: ...`` form (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(2, f"fastmaml: error: {_one_line(message)}{hint}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="fastmaml", description="Task-batched MAML: train, evaluate and plot the paper's experiments.")
+    parser.add_argument("--version", action="version", version=f"fastmaml {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.COMMAND_HELP,
+                           description=getattr(module, "COMMAND_DESCRIPTION", module.COMMAND_HELP))
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .configs import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except UserError as e:
+        print(f"fastmaml: error: {_one_line(e)}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("fastmaml: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastmaml configs | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

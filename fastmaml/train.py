@@ -1,0 +1,466 @@
+"""``fastmaml train``: the meta-training loop, with metrics, validation, checkpoints and exact resume.
+
+The run folder (default ``runs/<config>``) holds:
+
+* ``config.json``: the resolved config;
+* ``metrics.jsonl``: one JSON object per line: ``{"split": "train", "iter", "loss", "accuracy",
+  "tasks_per_s", "elapsed"}`` every ``log_every`` iterations (means over the iterations since the
+  previous line) and ``{"split": "val", "iter", "loss", "loss_ci95", "accuracy", "accuracy_ci95",
+  "steps", "episodes"}`` every ``val_every`` iterations (fixed validation episodes);
+* ``checkpoint.pt``: every ``checkpoint_every`` iterations and at the end (see :mod:`fastmaml.checkpoint`).
+
+Resuming (``--resume``) restores the model, the optimizer, the learnable inner learning rates, every
+RNG (torch, numpy, Python, the task sampler) and the metric accumulators, and drops the metric lines
+written after the checkpoint: a run killed at any moment and resumed ends bitwise identical to an
+uninterrupted one (same device, same software).
+
+Iteration ``i`` (1-based) does, in order: sample a task batch, meta-step, (clip), Adam step; a metrics
+line; validation; the checkpoint. Validation runs under its own RNG fork and uses fixed episodes, so
+it does not perturb training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_mod
+from . import configs, models
+from .configs import Config, UserError
+
+COMMAND_HELP = "meta-train a config (writes RUN_DIR: config.json, metrics.jsonl, checkpoint.pt)"
+
+RUN_FILES = ("config.json", "metrics.jsonl", ckpt_mod.FILENAME, "eval.json")
+RUN_FOLDERS = ("plots",)
+
+
+class TrainingError(UserError):
+    """Training cannot go on (for example the loss became non-finite); exit status 1."""
+
+    code = 1
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="a built-in config (see `fastmaml configs`) or a config .json file")
+    p.add_argument("--data", metavar="DIR", help="the data folder (holding omniglot/, miniimagenet/); "
+                   "default: $FASTMAML_DATA, then ~/.cache/fastmaml")
+    p.add_argument("--out", metavar="RUN_DIR", help="the run folder (default: runs/<config>)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings of the config, e.g. --set iterations=1000 seed=3")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in RUN_DIR from its checkpoint (start it if there is none)")
+    group.add_argument("--force", action="store_true",
+                       help="delete the run in RUN_DIR (its config, metrics, checkpoint, eval, plots) and start over")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to train (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# -- shared builders (also used by eval and plot) -----------------------------------------------------
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available (this torch build or machine has no GPU); use --device cpu")
+    return torch.device(name)
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise UserError(f"--threads {n}: expected a positive int")
+    torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_learner(config: Config, device: torch.device):
+    """The config's model (initialized from ``seed``) wrapped in ``fastmaml.MAML``, and Adam."""
+    from .maml import MAML
+
+    if config["kernels"] != "auto":
+        from . import kernels
+
+        try:
+            kernels.resolve(device, config["kernels"])
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"kernels={config['kernels']}: {e}") from None
+    seed_everything(config["seed"])
+    model = models.build(config).to(device)
+    learner = MAML(model, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
+                   first_order=config["first_order"], learn_lr=config["learn_lr"], memory=config["memory"],
+                   kernels=config["kernels"])
+    opt = torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
+    return learner, opt
+
+
+_HOW_TO_GET = ("point --data DIR at a folder that holds {name}/ (or the {name} folder itself), set "
+               "FASTMAML_DATA=DIR, or pass --set download=true to fetch it")
+
+
+def make_dataset(config: Config, split: str, root: Optional[str], device: torch.device,
+                 queries: Optional[int] = None, seed: Optional[int] = None):
+    """The task sampler of ``config`` for ``split`` ('train', 'val', 'test')."""
+    try:
+        from . import data
+    except ImportError as e:  # pragma: no cover - the data layer is part of the package
+        raise UserError(f"the data layer fastmaml.data cannot be imported: {e}") from None
+    queries = config["queries"] if queries is None else queries
+    seed = config["seed"] if seed is None else seed
+    dataset = config["dataset"]
+    try:
+        if dataset == "sinusoid":
+            return data.Sinusoid(shots=config["shots"], queries=queries, device=device, seed=seed)
+        if dataset == "omniglot":
+            return data.Omniglot(root=root, split=split, ways=config["ways"], shots=config["shots"], queries=queries,
+                                 image_size=config["image_size"], split_scheme=config["split_scheme"],
+                                 rotations=config["rotations"], device=device, download=config["download"],
+                                 seed=seed)
+        if dataset == "miniimagenet":
+            kw: Dict[str, Any] = {}
+            params = inspect.signature(data.MiniImageNet).parameters
+            if "download" in params:
+                kw["download"] = config["download"]
+            if "image_size" in params:
+                kw["image_size"] = config["image_size"]
+            return data.MiniImageNet(root, split=split, ways=config["ways"], shots=config["shots"], queries=queries,
+                                     device=device, seed=seed, **kw)
+    except FileNotFoundError as e:
+        name = {"omniglot": "omniglot", "miniimagenet": "miniimagenet"}.get(dataset, dataset)
+        raise UserError(f"{dataset} data not found ({_first_line(e)}); to get it: "
+                        + _HOW_TO_GET.format(name=name)) from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot load the {dataset} {split} data: {_first_line(e)}") from None
+    raise UserError(f"unknown dataset {dataset!r}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def fixed_episodes(ds, n: int, batch: int, seed: int) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """``n`` episodes fixed by ``seed`` (the same every call, whatever the sampler's state), ``batch``
+    at a time."""
+    return ds.episodes(n, batch=batch, seed=seed)
+
+
+def mean_ci95(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """The mean and the half-width of its 95% confidence interval, ``1.96 * s / sqrt(n)`` with ``s``
+    the sample standard deviation (``ddof=1``); None for fewer than 2 values."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError("mean_ci95 of no values")
+    mean = float(a.mean())
+    if a.size < 2:
+        return mean, None
+    return mean, float(1.96 * a.std(ddof=1) / math.sqrt(a.size))
+
+
+def run_episodes(learner, episodes, steps: int, classification: bool) -> Tuple[List[float], List[float]]:
+    """Per-episode query losses and accuracies after ``steps`` inner steps."""
+    losses: List[float] = []
+    accs: List[float] = []
+    for sx, sy, qx, qy in episodes:
+        out = learner.evaluate(sx, sy, qx, qy, steps=steps)
+        losses.extend(out.task_losses.double().cpu().tolist())
+        if classification and out.task_accuracy is not None:
+            accs.extend(out.task_accuracy.double().cpu().tolist())
+    return losses, accs
+
+
+# -- the run folder ---------------------------------------------------------------------------------
+
+def default_run_dir(config: Config) -> Path:
+    return Path("runs") / config["config"]
+
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    ckpt_mod.atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / f).exists() for f in RUN_FILES[:3])
+
+
+def describe_differences(diffs, old_label: str, new_label: str) -> str:
+    return "; ".join(f"{k}: {configs.format_value(a)} ({old_label}) vs {configs.format_value(b)} ({new_label})"
+                     for k, a, b in diffs)
+
+
+RESUMABLE = tuple(k for k, spec in configs.KEYS.items() if spec.resumable)
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """The well-formed lines of a metrics file (a torn last line is skipped)."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and isinstance(obj.get("iter"), int):
+                    out.append(obj)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Keep only the metric lines of iterations <= ``iteration`` (atomically)."""
+    keep = [m for m in read_metrics(path) if m["iter"] <= iteration]
+    text = "".join(json.dumps(m) + "\n" for m in keep)
+    ckpt_mod.atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """SIGINT / SIGTERM: finish the current iteration, checkpoint, stop. A second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def main(args) -> int:
+    config = configs.resolve(args.config, args.overrides)
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    run_dir = Path(args.out) if args.out else default_run_dir(config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: exists and is not a folder")
+    ckpt_path = run_dir / ckpt_mod.FILENAME
+    command = f"fastmaml train {args.config}" + (f" --out {run_dir}" if args.out else "")
+
+    # 1. Decide what to do with the run folder; read and check everything before writing anything.
+    state = None
+    if holds_run(run_dir) and not args.force:
+        old_config = None
+        if ckpt_path.exists():
+            if not args.resume:
+                old = read_json(run_dir / "config.json")
+                _refuse_existing(run_dir, old, config, command)
+            state = ckpt_mod.load(ckpt_path)
+            old_config = state["config"]
+            label = "checkpoint"
+        else:
+            old_config = read_json(run_dir / "config.json")
+            label = "run folder"
+            if not args.resume:
+                _refuse_existing(run_dir, old_config, config, command)
+        if old_config is not None:
+            diffs = configs.differences(old_config, config, ignore=RESUMABLE)
+            if diffs:
+                raise UserError(f"{run_dir} holds a run of a different config; refusing to resume: "
+                                f"{describe_differences(diffs, label, 'requested')}. Use --force to start over "
+                                "or --out for another folder")
+        if state is not None and state["iteration"] >= config["iterations"]:
+            print(f"{run_dir} is already trained to iteration {state['iteration']} (iterations="
+                  f"{config['iterations']}); nothing to do (raise it with --set iterations=N to go on)")
+            return 0
+
+    learner, opt = build_learner(config, device)
+    if state is not None:
+        ckpt_mod.check_compatible(state, learner.model, learner.inner_lr, ckpt_path)
+    train_ds = make_dataset(config, "train", args.data, device)
+    val_ds = None
+    if config["val_every"] > 0:
+        val_ds = make_dataset(config, "val", args.data, device, queries=config["eval_queries"], seed=config["val_seed"])
+    if state is not None:
+        try:
+            train_ds.load_state_dict(state["rng"]["sampler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ckpt_mod.CheckpointError(f"checkpoint {ckpt_path}: the sampler state does not fit this data "
+                                           f"({_first_line(e)}); it was not loaded") from None
+
+    # 2. Apply the checkpoint (everything was validated above) and set up the run folder.
+    start = 0
+    progress_state: Dict[str, Any] = {"elapsed": 0.0, "window": {"loss": 0.0, "accuracy": 0.0, "count": 0}}
+    if state is not None:
+        learner.model.load_state_dict(state["model"])
+        learner.inner_lr.load_state_dict(state["inner_lr"])
+        opt.load_state_dict(state["optimizer"])
+        ckpt_mod.restore_rng(state["rng"])
+        start = state["iteration"]
+        progress_state = state["progress"]
+    if args.force and run_dir.exists():
+        for f in RUN_FILES:
+            try:
+                (run_dir / f).unlink()
+            except FileNotFoundError:
+                pass
+        for d in RUN_FOLDERS:
+            shutil.rmtree(run_dir / d, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_mod.remove_stale_temporaries(run_dir)
+    write_json(run_dir / "config.json", config)
+    truncate_metrics(run_dir / "metrics.jsonl", start)
+
+    return _loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, device, command)
+
+
+def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config, command: str) -> None:
+    if old is not None:
+        diffs = configs.differences(old, new, ignore=RESUMABLE)
+        if diffs:
+            raise UserError(f"{run_dir} already holds a different run ({describe_differences(diffs, 'there', 'requested')}); "
+                            "pass --force to delete it and start over, or --out for another folder")
+    raise UserError(f"{run_dir} already holds a run of this config; pass --resume to continue it, "
+                    "--force to delete it and start over, or --out for another folder")
+
+
+def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: int, progress_state, device,
+          command: str) -> int:
+    from .progress import Progress
+
+    iterations = config["iterations"]
+    classification = config["dataset"] != "sinusoid"
+    params = [p for p in learner.parameters() if p.requires_grad]
+    clip = config["grad_clip"]
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / ckpt_mod.FILENAME
+    window = dict(progress_state["window"])
+    elapsed_before = float(progress_state["elapsed"])
+    t0 = time.perf_counter()
+    last_ckpt = start
+    bar = Progress(iterations, initial=start, desc=config["config"], tasks_per_step=config["meta_batch"],
+                   enabled=not args.quiet)
+    if start > 0:
+        bar.write(f"resuming {run_dir} at iteration {start}/{iterations}")
+    metrics = open(metrics_path, "a")
+
+    def log(obj: Dict[str, Any]) -> None:
+        metrics.write(json.dumps(obj) + "\n")
+        metrics.flush()
+
+    def save(iteration: int) -> None:
+        metrics.flush()
+        os.fsync(metrics.fileno())
+        ckpt_mod.save(ckpt_path, {
+            "format": ckpt_mod.FORMAT, "version": ckpt_mod.VERSION, "iteration": iteration,
+            "config": dict(config), "model": learner.model.state_dict(),
+            "inner_lr": learner.inner_lr.state_dict(), "optimizer": opt.state_dict(),
+            "rng": ckpt_mod.capture_rng(train_ds.state_dict()),
+            "progress": {"elapsed": elapsed_before + time.perf_counter() - t0, "window": dict(window)},
+            "device": str(device),
+        })
+
+    it = start
+    try:
+        with _StopRequest() as stop:
+            for it in range(start + 1, iterations + 1):
+                sx, sy, qx, qy = train_ds.sample(config["meta_batch"])
+                opt.zero_grad(set_to_none=True)
+                try:
+                    out = learner.meta_step(sx, sy, qx, qy)
+                except FloatingPointError as e:
+                    raise TrainingError(f"training diverged at iteration {it}: {_first_line(e)}; the last "
+                                        f"checkpoint ({ckpt_path}, iteration {last_ckpt}) is intact") from None
+                if clip > 0:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.clamp_(-clip, clip)
+                opt.step()
+                loss = float(out.loss)
+                acc = float(out.task_accuracy.mean()) if out.task_accuracy is not None else None
+                window["loss"] += loss
+                window["accuracy"] += acc if acc is not None else 0.0
+                window["count"] += 1
+                if it % config["log_every"] == 0 or it == iterations:
+                    n = window["count"]
+                    line = {"split": "train", "iter": it, "loss": window["loss"] / n}
+                    if classification:
+                        line["accuracy"] = window["accuracy"] / n
+                    line["tasks_per_s"] = round(bar.tasks_per_second(), 3)
+                    line["elapsed"] = round(elapsed_before + time.perf_counter() - t0, 3)
+                    log(line)
+                    window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+                if val_ds is not None and (it % config["val_every"] == 0 or it == iterations):
+                    log(_validate(learner, val_ds, config, it, classification))
+                bar.update(it, loss=loss, accuracy=acc)
+                if it % config["checkpoint_every"] == 0 or it == iterations or stop.requested:
+                    save(it)
+                    last_ckpt = it
+                if stop.requested:
+                    bar.close()
+                    print(f"fastmaml: stopped at iteration {it}/{iterations}; checkpoint saved. "
+                          f"Continue with: {command} --resume", file=sys.stderr)
+                    return 130
+    finally:
+        metrics.close()
+    bar.close()
+    summary = f"trained {config['config']} to iteration {iterations} in {run_dir}"
+    last_val = [m for m in read_metrics(metrics_path) if m.get("split") == "val"]
+    if last_val:
+        v = last_val[-1]
+        if classification:
+            summary += f"; validation accuracy {100 * v['accuracy']:.2f}% ({config['test_steps']} steps)"
+        else:
+            summary += f"; validation MSE {v['loss']:.4g} ({config['test_steps']} steps)"
+    print(summary)
+    return 0
+
+
+def _validate(learner, val_ds, config: Config, it: int, classification: bool) -> Dict[str, Any]:
+    with torch.random.fork_rng(devices=[]):
+        episodes = fixed_episodes(val_ds, config["val_episodes"], config["eval_batch"], config["val_seed"])
+        losses, accs = run_episodes(learner, episodes, config["test_steps"], classification)
+    loss, loss_ci = mean_ci95(losses)
+    line: Dict[str, Any] = {"split": "val", "iter": it, "loss": loss, "loss_ci95": loss_ci}
+    if classification:
+        acc, acc_ci = mean_ci95(accs)
+        line.update(accuracy=acc, accuracy_ci95=acc_ci)
+    line.update(steps=config["test_steps"], episodes=len(losses))
+    return line
