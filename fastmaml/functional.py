@@ -72,8 +72,9 @@ class TaskBatchedModel:
     ``batching``: 'vmap' runs all tasks as one batched computation (``torch.func.vmap`` over
     ``functional_call``: a convolution becomes one grouped convolution); 'loop' runs the tasks one
     after another, each on its own rows of ``flat``; either way the result is one tensor and one
-    autograd graph. 'auto' takes vmap on accelerators, where one launch per layer instead of T
-    pays, and loop on the CPU, where it measured faster (bench/bench_meta_step.py).
+    autograd graph. 'auto' takes vmap, except for convolutional models on the CPU: there vmap turns
+    each convolution into a grouped one, whose CPU backward is slower than T plain ones (measured
+    in bench/bench_meta_step.py), while for an MLP vmap's batched matmuls win several-fold.
     """
 
     def __init__(self, model: nn.Module, layout: FlatLayout, batching: str = "auto") -> None:
@@ -82,6 +83,7 @@ class TaskBatchedModel:
         self.model = model
         self.layout = layout
         self.batching = batching
+        self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
     def _one_task(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
@@ -92,7 +94,7 @@ class TaskBatchedModel:
         views = self.layout.views(flat)
         batching = self.batching
         if batching == "auto":
-            batching = "loop" if flat.device.type == "cpu" else "vmap"
+            batching = "loop" if flat.device.type == "cpu" and self._has_conv else "vmap"
         with batch_statistics(self.model):
             if batching == "vmap":
                 return vmap(self._one_task)(views, x)
