@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.COMMAND_HELP,
+        p = sub.add_parser(name, help=module.COMMAND_HELP.replace("%", "%%"),
                            description=getattr(module, "COMMAND_DESCRIPTION", module.COMMAND_HELP))
         module.add_arguments(p)
         p.set_defaults(_main=module.main)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,8 +26,7 @@ import torch
 from . import checkpoint as ckpt_mod
 from . import configs
 from .configs import Config, UserError
-from .train import (build_learner, fixed_episodes, make_dataset, mean_ci95, resolve_device, set_threads,
-                    write_json)
+from .train import build_learner, fixed_episodes, make_dataset, resolve_device, set_threads, write_json
 
 COMMAND_HELP = "evaluate a trained run on fixed test episodes (mean and 95% CI); writes eval.json"
 
@@ -61,6 +59,30 @@ def add_arguments(p) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def mean_ci95(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """The mean and the half-width of its 95% confidence interval, ``1.96 * s / sqrt(n)`` with ``s``
+    the sample standard deviation (``ddof=1``); None for fewer than 2 values."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError("mean_ci95 of no values")
+    mean = float(a.mean())
+    if a.size < 2:
+        return mean, None
+    return mean, float(1.96 * a.std(ddof=1) / math.sqrt(a.size))
+
+
+def run_episodes(learner, episodes, steps: int, classification: bool) -> Tuple[List[float], List[float]]:
+    """Per-episode query losses and accuracies after ``steps`` inner steps."""
+    losses: List[float] = []
+    accs: List[float] = []
+    for sx, sy, qx, qy in episodes:
+        out = learner.evaluate(sx, sy, qx, qy, steps=steps)
+        losses.extend(out.task_losses.double().cpu().tolist())
+        if classification and out.task_accuracy is not None:
+            accs.extend(out.task_accuracy.double().cpu().tolist())
+    return losses, accs
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -100,7 +98,7 @@ def sinusoid_figure(run_dir: Path, path: Path, tasks: int, device: str) -> Optio
     sx, sy, _, _, params = _sample_with_params(ds, tasks)
     amp, phase = (p.to(dev).reshape(-1) for p in params)
     grid = torch.linspace(-5.0, 5.0, 400, device=dev).view(1, -1, 1).expand(tasks, -1, -1).contiguous()
-    truth = _true_function(ds, grid, amp, phase)
+    truth = _true_function(grid, amp, phase)
     steps = [0, 1, 10]
     preds = {0: learner.predict(_theta(learner, tasks), grid)}
     for k in steps[1:]:
@@ -137,16 +135,10 @@ def _sample_with_params(ds, n):
     return (*out[:4], tuple(out[4]))
 
 
-def _true_function(ds, x, amp, phase):
-    """The data layer's own function when it exposes one, else ``A sin(x - phase)`` (the paper)."""
+def _true_function(x, amp, phase):
+    """``A sin(x - phase)``: the sinusoid tasks of the paper and of ``fastmaml.data.Sinusoid``."""
     import torch
 
-    fn = getattr(ds, "function", None) or getattr(type(ds), "function", None)
-    if callable(fn):
-        try:
-            return fn(x, amp.view(-1, 1, 1), phase.view(-1, 1, 1))
-        except TypeError:
-            pass
     return amp.view(-1, 1, 1) * torch.sin(x - phase.view(-1, 1, 1))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import random
 import shutil
@@ -31,7 +30,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -110,13 +109,13 @@ def build_learner(config: Config, device: torch.device):
     model = models.build(config).to(device)
     learner = MAML(model, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
                    first_order=config["first_order"], learn_lr=config["learn_lr"], memory=config["memory"],
-                   kernels=config["kernels"])
+                   kernels=config["kernels"], batching=config["batching"])
     opt = torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
     return learner, opt
 
 
-_HOW_TO_GET = ("point --data DIR at a folder that holds {name}/ (or the {name} folder itself), set "
-               "FASTMAML_DATA=DIR, or pass --set download=true to fetch it")
+_HOW_TO_GET = ("point --data DIR at a folder that holds {name}/ (or the {name} folder itself) or set "
+               "FASTMAML_DATA=DIR")
 
 
 def make_dataset(config: Config, split: str, root: Optional[str], device: torch.device,
@@ -148,8 +147,9 @@ def make_dataset(config: Config, split: str, root: Optional[str], device: torch.
                                      device=device, seed=seed, **kw)
     except FileNotFoundError as e:
         name = {"omniglot": "omniglot", "miniimagenet": "miniimagenet"}.get(dataset, dataset)
-        raise UserError(f"{dataset} data not found ({_first_line(e)}); to get it: "
-                        + _HOW_TO_GET.format(name=name)) from None
+        how = _HOW_TO_GET.format(name=name)
+        how += ", or pass --set download=true to fetch it" if "download" in config else " (it cannot be downloaded automatically)"
+        raise UserError(f"{dataset} data not found ({_first_line(e)}); to get it: {how}") from None
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load the {dataset} {split} data: {_first_line(e)}") from None
     raise UserError(f"unknown dataset {dataset!r}")
@@ -164,30 +164,6 @@ def fixed_episodes(ds, n: int, batch: int, seed: int) -> Iterator[Tuple[torch.Te
     """``n`` episodes fixed by ``seed`` (the same every call, whatever the sampler's state), ``batch``
     at a time."""
     return ds.episodes(n, batch=batch, seed=seed)
-
-
-def mean_ci95(values: Sequence[float]) -> Tuple[float, Optional[float]]:
-    """The mean and the half-width of its 95% confidence interval, ``1.96 * s / sqrt(n)`` with ``s``
-    the sample standard deviation (``ddof=1``); None for fewer than 2 values."""
-    a = np.asarray(values, dtype=np.float64).ravel()
-    if a.size == 0:
-        raise ValueError("mean_ci95 of no values")
-    mean = float(a.mean())
-    if a.size < 2:
-        return mean, None
-    return mean, float(1.96 * a.std(ddof=1) / math.sqrt(a.size))
-
-
-def run_episodes(learner, episodes, steps: int, classification: bool) -> Tuple[List[float], List[float]]:
-    """Per-episode query losses and accuracies after ``steps`` inner steps."""
-    losses: List[float] = []
-    accs: List[float] = []
-    for sx, sy, qx, qy in episodes:
-        out = learner.evaluate(sx, sy, qx, qy, steps=steps)
-        losses.extend(out.task_losses.double().cpu().tolist())
-        if classification and out.task_accuracy is not None:
-            accs.extend(out.task_accuracy.double().cpu().tolist())
-    return losses, accs
 
 
 # -- the run folder ---------------------------------------------------------------------------------
@@ -283,6 +259,10 @@ def main(args) -> int:
         raise UserError(f"--out {run_dir}: exists and is not a folder")
     ckpt_path = run_dir / ckpt_mod.FILENAME
     command = f"fastmaml train {args.config}" + (f" --out {run_dir}" if args.out else "")
+    if args.data:
+        command += f" --data {args.data}"
+    if args.overrides:
+        command += " --set " + " ".join(args.overrides)
 
     # 1. Decide what to do with the run folder; read and check everything before writing anything.
     state = None
@@ -291,7 +271,7 @@ def main(args) -> int:
         if ckpt_path.exists():
             if not args.resume:
                 old = read_json(run_dir / "config.json")
-                _refuse_existing(run_dir, old, config, command)
+                _refuse_existing(run_dir, old, config)
             state = ckpt_mod.load(ckpt_path)
             old_config = state["config"]
             label = "checkpoint"
@@ -299,7 +279,7 @@ def main(args) -> int:
             old_config = read_json(run_dir / "config.json")
             label = "run folder"
             if not args.resume:
-                _refuse_existing(run_dir, old_config, config, command)
+                _refuse_existing(run_dir, old_config, config)
         if old_config is not None:
             diffs = configs.differences(old_config, config, ignore=RESUMABLE)
             if diffs:
@@ -314,6 +294,7 @@ def main(args) -> int:
     learner, opt = build_learner(config, device)
     if state is not None:
         ckpt_mod.check_compatible(state, learner.model, learner.inner_lr, ckpt_path)
+        ckpt_mod.check_optimizer(state, opt, ckpt_path)
     train_ds = make_dataset(config, "train", args.data, device)
     val_ds = None
     if config["val_every"] > 0:
@@ -351,7 +332,7 @@ def main(args) -> int:
     return _loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, device, command)
 
 
-def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config, command: str) -> None:
+def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config) -> None:
     if old is not None:
         diffs = configs.differences(old, new, ignore=RESUMABLE)
         if diffs:
@@ -398,6 +379,7 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
         })
 
     it = start
+    window_start = time.perf_counter()
     try:
         with _StopRequest() as stop:
             for it in range(start + 1, iterations + 1):
@@ -423,12 +405,15 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                     line = {"split": "train", "iter": it, "loss": window["loss"] / n}
                     if classification:
                         line["accuracy"] = window["accuracy"] / n
-                    line["tasks_per_s"] = round(bar.tasks_per_second(), 3)
+                    now = time.perf_counter()
+                    line["tasks_per_s"] = round(n * config["meta_batch"] / max(now - window_start, 1e-9), 3)
+                    window_start = now
                     line["elapsed"] = round(elapsed_before + time.perf_counter() - t0, 3)
                     log(line)
                     window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
                 if val_ds is not None and (it % config["val_every"] == 0 or it == iterations):
                     log(_validate(learner, val_ds, config, it, classification))
+                    window_start = time.perf_counter()  # tasks_per_s measures training alone
                 bar.update(it, loss=loss, accuracy=acc)
                 if it % config["checkpoint_every"] == 0 or it == iterations or stop.requested:
                     save(it)
@@ -454,6 +439,8 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
 
 
 def _validate(learner, val_ds, config: Config, it: int, classification: bool) -> Dict[str, Any]:
+    from .evaluate import mean_ci95, run_episodes
+
     with torch.random.fork_rng(devices=[]):
         episodes = fixed_episodes(val_ds, config["val_episodes"], config["eval_batch"], config["val_seed"])
         losses, accs = run_episodes(learner, episodes, config["test_steps"], classification)
