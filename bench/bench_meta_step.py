@@ -216,6 +216,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     impls.sort(key=lambda i: i != "reference")
 
     rows: List[Dict[str, object]] = []
+    dev = machine(args.device)
+
+    def save(rows, partial: bool) -> str:
+        return write_json(f"{args.name}_{device_tag(args.device)}", {
+            "machine": dev, "args": vars(args), "skipped": skipped, "rows": rows, "partial": partial,
+        }, args.out)
+
     for workload in args.workloads:
         for T in args.tasks:
             for K in args.steps:
@@ -241,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     rows.append(row)
                     print(f"{workload} T={T} K={K} {impl}: {row['ms']:.1f} ms, {row['peak_mib']:.0f} MiB",
                           file=sys.stderr, flush=True)
+                    save(rows, partial=True)  # a run cut short still leaves what it measured
 
     # Ratios against the reference and learn2learn of the same configuration, from this one run.
     for r in rows:
@@ -250,16 +258,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if b is not None and "ms" in r:
                 r[f"speedup_vs_{base}"] = b["ms"] / r["ms"]
                 r[f"memory_vs_{base}"] = r["peak_mib"] / b["peak_mib"] if b["peak_mib"] > 0 else None
-    dev = machine(args.device)
     print(f"\nMAML meta-step, second order={not args.first_order}, device={args.device} ({dev['device_name']}), "
           f"torch {dev['torch']}, threads={args.threads or torch.get_num_threads()}")
     cols = ["workload", "T", "K", "impl", "ms", "peak_mib", "speedup_vs_reference", "speedup_vs_learn2learn",
             "memory_vs_reference", "grad_rel_err", "same_gradient", "error"]
     print(table(rows, cols))
-    path = write_json(f"{args.name}_{device_tag(args.device)}", {
-        "machine": dev, "args": vars(args), "skipped": skipped, "rows": rows,
-    }, args.out)
-    print("wrote", path)
+    print("wrote", save(rows, partial=False))
     return 0
 
 
