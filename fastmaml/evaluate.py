@@ -132,18 +132,11 @@ def restore_learner(ckpt: Dict[str, Any], path: Path, device: torch.device):
 
 # -- evaluation ------------------------------------------------------------------------------------
 
-def _theta(learner, T: int):
-    from .maml import FastWeights
-
-    flat = learner.engine.theta().unsqueeze(0).expand(T, -1)
-    return FastWeights(flat, torch.empty(0, T, dtype=flat.dtype, device=flat.device))
-
-
 def regression_errors(learner, sx, sy, qx, qy, max_steps: int) -> torch.Tensor:
     """[max_steps + 1, T]: each task's query MSE after 0..max_steps inner steps."""
     rows = []
     with torch.no_grad():
-        pred = learner.predict(_theta(learner, sx.shape[0]), qx)
+        pred = learner.predict(learner.adapt(sx, sy, steps=0), qx)
         rows.append((pred - qy).pow(2).flatten(1).mean(1))
     for k in range(1, max_steps + 1):
         fast = learner.adapt(sx, sy, steps=k)

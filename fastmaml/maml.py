@@ -135,10 +135,10 @@ class MAML(nn.Module):
             )
         return self.multi_step_weights
 
-    def _steps(self, steps: Optional[int]) -> int:
+    def _steps(self, steps: Optional[int], least: int = 1) -> int:
         steps = self.inner_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if not isinstance(steps, int) or steps < least:
+            raise ValueError(f"steps must be an int >= {least}, got {steps!r}")
         self.inner_lr.check_steps(steps)
         return steps
 
@@ -257,8 +257,9 @@ class MAML(nn.Module):
     # -- evaluation ----------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None,
               loss_fn: Optional[LossFn] = None) -> FastWeights:
-        """The fast weights of every task after ``steps`` inner steps (default: ``inner_steps``)."""
-        steps = self._steps(steps)
+        """The fast weights of every task after ``steps`` inner steps (default: ``inner_steps``;
+        0 gives the meta-parameters themselves, for the before-adaptation baseline)."""
+        steps = self._steps(steps, least=0)
         self._check_inputs((("support_x", support_x, "support_y", support_y),))
         if self.backend == "reference":
             flat, losses = self._reference_adapt(support_x, support_y, steps, loss_fn)

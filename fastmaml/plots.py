@@ -88,7 +88,7 @@ def sinusoid_figure(run_dir: Path, path: Path, tasks: int, device: str) -> Optio
     import torch
 
     from . import data
-    from .evaluate import _theta, load_run, restore_learner
+    from .evaluate import load_run, restore_learner
     from .train import resolve_device
 
     ckpt, _, ckpt_path = load_run(str(run_dir))
@@ -100,9 +100,7 @@ def sinusoid_figure(run_dir: Path, path: Path, tasks: int, device: str) -> Optio
     grid = torch.linspace(-5.0, 5.0, 400, device=dev).view(1, -1, 1).expand(tasks, -1, -1).contiguous()
     truth = _true_function(grid, amp, phase)
     steps = [0, 1, 10]
-    preds = {0: learner.predict(_theta(learner, tasks), grid)}
-    for k in steps[1:]:
-        preds[k] = learner.predict(learner.adapt(sx, sy, steps=k), grid)
+    preds = {k: learner.predict(learner.adapt(sx, sy, steps=k), grid) for k in steps}
     plt = _pyplot()
     fig, axes = plt.subplots(1, tasks, figsize=(4.2 * tasks, 3.4), squeeze=False)
     g = grid[0, :, 0].cpu().numpy()

@@ -248,3 +248,15 @@ def test_both_batching_strategies_match_reference(batching, feature, K, adapt_bn
 def test_unknown_batching_is_refused():
     with pytest.raises(ValueError, match=r"batching must be one of auto, vmap, loop"):
         fastmaml.MAML(mlp(), batching="grouped")
+
+
+def test_adapt_with_zero_steps_gives_the_meta_parameters():
+    torch.manual_seed(13)
+    learner = fastmaml.MAML(mlp().double(), inner_lr=0.1)
+    sx, sy, qx, qy = regression_batch(3)
+    fast = learner.adapt(sx, sy, steps=0)
+    assert fast.flat.shape == (3, learner.layout.numel)
+    with torch.no_grad():
+        assert torch.allclose(learner.predict(fast, qx), learner.model(qx))
+    with pytest.raises(ValueError, match=r"steps must be an int >= 1, got 0"):
+        learner.meta_step(sx, sy, qx, qy, steps=0)

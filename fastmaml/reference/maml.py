@@ -9,7 +9,7 @@ whole unrolled graph. Slow and memory-hungry by design: it is what every fast pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ class ReferenceResult:
     lr_grad: Optional[Tensor]  # shaped like inner_lr.lr when it is learnable
 
 
-def _loss(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Tensor, loss_fn: LossFn) -> (Tensor, Tensor):
+def _loss(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Tensor, loss_fn: LossFn) -> Tuple[Tensor, Tensor]:
     pred = functional_call(model, params, (x,))
     return loss_fn(pred, y), pred
 
@@ -39,7 +39,7 @@ def _loss(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Tensor, los
 def sgd_step(
     model: nn.Module, inner_lr: InnerLR, layout: FlatLayout, fast: Dict[str, Tensor], k: int,
     x: Tensor, y: Tensor, create_graph: bool, loss_fn: LossFn, lr: Tensor,
-) -> (Dict[str, Tensor], Tensor):
+) -> Tuple[Dict[str, Tensor], Tensor]:
     """Inner step k on one task's support set: (theta_{k+1}, L_S(theta_k))."""
     loss, _ = _loss(model, fast, x, y, loss_fn)
     grads = torch.autograd.grad(loss, [fast[n] for n in layout.names], create_graph=create_graph)
