@@ -20,6 +20,7 @@ COMMANDS: Dict[str, str] = {
     "eval": "fastmaml.evaluate",
     "plot": "fastmaml.plots",
     "configs": "fastmaml.configs",
+    "bench": "fastmaml.bench_command",
 }
 
 
@@ -53,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from .configs import UserError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Everything after `bench` belongs to the benchmark script's own parser.
+        from .bench_command import run
+
+        try:
+            return run(argv[1:])
+        except UserError as e:
+            print(f"fastmaml: error: {_one_line(e)}", file=sys.stderr)
+            return e.code
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
