@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from .configs import UserError
+from .fsutil import atomic_write
 
 FORMAT = "fastmaml-checkpoint"
 VERSION = 1
@@ -88,46 +88,11 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
 
 # -- atomic writing ----------------------------------------------------------------------------------
 
-def fsync_dir(path: PathLike) -> None:
-    """fsync a folder, so that a rename inside it is durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(path: PathLike, write) -> None:
-    """Create ``path`` atomically: ``write(fileobj)`` fills a temporary file in the same folder,
-    which is flushed, fsynced and renamed over ``path``; the folder is fsynced after the rename."""
-    path = Path(path)
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+    """Create ``path`` atomically: ``write(fileobj)`` fills a temporary file ``.<name>.*.tmp`` in the
+    same folder, which is flushed, fsynced and renamed over ``path``; the folder is fsynced after."""
+    with atomic_write(Path(path), suffix=".tmp") as f:
+        write(f)
 
 
 def save(path: PathLike, checkpoint: Mapping[str, Any]) -> None:

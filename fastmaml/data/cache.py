@@ -21,7 +21,7 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 
-from .fsutil import atomic_write
+from ..fsutil import atomic_write
 
 MAGIC = b"FASTMAML-CACHE\x00\x01"
 _ALIGN = 64

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
-from .fsutil import atomic_write, remove_stale_parts
+from ..fsutil import atomic_write, remove_stale_parts
 
 OMNIGLOT_URLS: Dict[str, str] = {
     "images_background.zip": "https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip",

@@ -37,12 +37,12 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(dest: Path) -> Iterator[BinaryIO]:
+def atomic_write(dest: Path, suffix: str = PART_SUFFIX) -> Iterator[BinaryIO]:
     """Open a temp file beside ``dest`` for writing; on a clean exit it is fsynced and renamed to
     ``dest``; on any exception (including KeyboardInterrupt) it is deleted and ``dest`` is untouched."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PART_SUFFIX, dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     try:
         with contextlib.suppress(OSError, AttributeError):  # mkstemp makes 0600; use the usual 0666 & ~umask
             os.fchmod(fd, 0o666 & ~_umask())
