@@ -30,11 +30,14 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     ap.add_argument("--triton-cpu", action="store_true",
                     help="also time Triton on the CPU (its interpreter: correctness only, very slow)")
     args = ap.parse_args()
     dev, dtype, T = args.device, getattr(torch, args.dtype), args.tasks
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = conv4(5)
     names = [n for n, _ in model.named_parameters()]
@@ -98,7 +101,8 @@ def main() -> None:
     ref_ms = {(r["op"], r["lr"]): r["ms"] for r in rows if r["impl"] == "torch"}
     for r in rows:
         r["speedup_vs_torch"] = ref_ms[(r["op"], r["lr"])] / r["ms"]
-    print(f"fused ops, T={T}, P={P}, {args.dtype}, device={dev} ({machine(dev)['device_name']})")
+    print(f"fused ops, T={T}, P={P}, {args.dtype}, device={dev} ({machine(dev)['device_name']}), "
+          f"threads={torch.get_num_threads()}")
     print(table(rows, ["op", "lr", "impl", "ms", "speedup_vs_torch"]))
     path = write_json(f"kernels_{device_tag(dev)}", {
         "machine": machine(dev), "tasks": T, "P": P, "segments": S, "dtype": args.dtype, "rows": rows,
