@@ -91,13 +91,14 @@ class TaskBatchedModel:
     def forward(self, flat: Tensor, x: Tensor) -> Tensor:
         if flat.dim() == 1:
             flat = flat.expand(x.shape[0], -1)
-        views = self.layout.views(flat)
         batching = self.batching
         if batching == "auto":
             batching = "loop" if flat.device.type == "cpu" and self._has_conv else "vmap"
         with batch_statistics(self.model):
             if batching == "vmap":
-                return vmap(self._one_task)(views, x)
+                return vmap(self._one_task)(self.layout.views(flat), x)
+            # unbind, then split each row: backward assembles [T, P] once (indexing [T, P] per
+            # tensor per task would allocate a zero-filled [T, P] for each, O(T^2 P) in all)
             return torch.stack([
-                self._one_task({n: v[t] for n, v in views.items()}, x[t]) for t in range(x.shape[0])
+                self._one_task(self.layout.views(row), x[t]) for t, row in enumerate(flat.unbind(0))
             ])

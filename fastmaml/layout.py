@@ -86,9 +86,11 @@ class FlatLayout:
         return torch.cat([t.reshape(*t.shape[:lead], -1) for t in ts], dim=-1)
 
     def views(self, flat: Tensor) -> Dict[str, Tensor]:
-        """name -> view of ``flat`` ([P] or [T, P]) in the parameter's shape (with the task dim first)."""
+        """name -> view of ``flat`` ([P] or [T, P]) in the parameter's shape (with the task dim first).
+
+        One ``split`` rather than a slice per tensor: its backward writes every gradient into one
+        [T, P] buffer, where a slice's backward would allocate a zero-filled [T, P] per tensor."""
         lead = flat.shape[:-1]
-        return {
-            n: flat[..., a:b].view(*lead, *s)
-            for n, s, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
-        }
+        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        parts = torch.split(flat, sizes, dim=-1)
+        return {n: part.view(*lead, *s) for n, s, part in zip(self.names, self.shapes, parts)}
