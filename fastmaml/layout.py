@@ -9,7 +9,7 @@ element ``p`` belongs to, which is what per-layer learning rates index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .engine import MEMORY_MODES, Engine
-from .functional import LossFn, TaskBatchedModel, batch_statistics, is_classification, task_accuracy, task_losses
+from .functional import LossFn, batch_statistics, is_classification, task_accuracy, task_losses
 from .inner_lr import InnerLR
 from .layout import AdaptSpec, FlatLayout, select_adapted
 from .reference import maml as reference

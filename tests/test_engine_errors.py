@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import fastmaml
 from helpers import classification_batch, conv_bn, mlp, regression_batch, same_state, state
