@@ -210,7 +210,7 @@ torch_have="$("$VPY" -c 'import torch; print(torch.__version__)' 2>/dev/null || 
 if [ "${torch_have%%+*}" = "$torch_want" ] && [ "$FORCE" = 0 ]; then
     log "torch $torch_have already installed"
 else
-    run "${PIP[@]}" install -q -c "$CONSTRAINTS" "$TORCH_SPEC" numpy
+    run "${PIP[@]}" install -q -c "$CONSTRAINTS" "$TORCH_SPEC" "numpy==$(req_version numpy)"
 fi
 
 # 2. torchopt's pure wheel
