@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from . import kernels
 from .functional import LossFn, TaskBatchedModel, is_classification, task_accuracy, task_losses
@@ -101,7 +102,8 @@ class Engine:
         theta = theta_start
         for k in range(k0, k1):
             keep = keep_last_graph and k == k1 - 1
-            g, losses, leaf = self.support_grad(theta, x, y, loss_fn, create_graph=keep)
+            with record_function("fastmaml.support_grad"):
+                g, losses, leaf = self.support_grad(theta, x, y, loss_fn, create_graph=keep)
             if support_losses is not None:
                 support_losses[k] = losses.detach()
             if keep:
@@ -156,6 +158,7 @@ class Engine:
             theta = its[-1]
         theta_K = theta
 
+        @record_function("fastmaml.query_grad")
         def query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
             """(w_k / T) grad L_Q at theta_k for the adapted and the shared parameters."""
             leaf = theta_k.detach().requires_grad_(True)
@@ -187,9 +190,11 @@ class Engine:
                         g, leaf = kept
                         kept = None
                     else:
-                        g, _, leaf = self.support_grad(theta_k, support_x, support_y, loss_fn, create_graph=True)
+                        with record_function("fastmaml.support_grad"):
+                            g, _, leaf = self.support_grad(theta_k, support_x, support_y, loss_fn, create_graph=True)
                     u = ops.scale(v, rate, seg)
-                    grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
+                    with record_function("fastmaml.hvp"):
+                        grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
                     hv = grads[0]
                     for acc, gp in zip(shared_grads, grads[1:]):
                         if gp is not None:

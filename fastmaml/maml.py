@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .engine import MEMORY_MODES, Engine
+from .cuda_graph import GraphedMetaGradient, graph_key
+from .engine import MEMORY_MODES, Engine, EngineResult
 from .functional import LossFn, batch_statistics, is_classification, task_accuracy, task_losses
 from .inner_lr import InnerLR
 from .layout import AdaptSpec, FlatLayout, select_adapted
@@ -70,6 +71,10 @@ class MAML(nn.Module):
         batching: how the engine runs the model on T tasks at once: 'vmap' (one batched
             computation), 'loop' (task after task, into one graph) or 'auto' (loop on the CPU,
             vmap elsewhere).
+        cuda_graph: record the engine's meta-step in a CUDA graph on its first call and replay it
+            afterwards (``fastmaml/cuda_graph.py``): removes the CPU's launch overhead, which bounds
+            small meta-steps on a GPU. Needs a CUDA model, the engine backend, and inputs of one shape
+            from step to step (another shape records a new graph); results are identical to eager.
 
     BatchNorm always normalizes with per-task batch statistics (the paper's transductive mode).
     """
@@ -89,6 +94,7 @@ class MAML(nn.Module):
         backend: str = "engine",
         kernels: Optional[str] = None,
         batching: str = "auto",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -104,7 +110,14 @@ class MAML(nn.Module):
 
             if kernels not in KERNEL_BACKENDS:
                 raise ValueError(f"kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {kernels!r}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and backend != "engine":
+            raise ValueError(
+                f"cuda_graph=True needs backend='engine' (the reference is a Python loop), got {backend!r}")
         self.model = model
+        self.cuda_graph = cuda_graph
+        self._graphed: Optional[GraphedMetaGradient] = None
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.memory = memory
@@ -241,8 +254,11 @@ class MAML(nn.Module):
             grads = r.param_grads
             lr_grad = r.lr_grad
         else:
-            r = self.engine.meta_gradient(support_x, support_y, query_x, query_y, steps, self.first_order,
-                                          weights, loss_fn, self.memory)
+            if self.cuda_graph:
+                r = self._replay(support_x, support_y, query_x, query_y, steps, weights, loss_fn)
+            else:
+                r = self.engine.meta_gradient(support_x, support_y, query_x, query_y, steps, self.first_order,
+                                              weights, loss_fn, self.memory)
             self._check_finite(r.support_losses, r.query_losses_all, weights)
             grads = dict(self.layout.views(r.theta_grad))
             grads.update(r.shared_grads)
@@ -253,6 +269,22 @@ class MAML(nn.Module):
         if lr_grad is not None:
             _accumulate(self.inner_lr.lr, lr_grad)
         return MetaStepOutput(r.objective, r.query_losses, r.query_accuracy)
+
+    def _replay(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int,
+                weights: Sequence[float], loss_fn: Optional[LossFn]) -> EngineResult:
+        """The engine's meta-gradient through the recorded CUDA graph (recorded first if needed);
+        returns copies, since the graph's outputs are overwritten by its next replay."""
+        if sx.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graph=True needs the model and the inputs on a CUDA device, they are on {sx.device}")
+        inputs = (sx, sy, qx, qy)
+        key = graph_key(self.engine, inputs, steps, self.first_order, weights, loss_fn, self.memory)
+        if self._graphed is None or self._graphed.key != key:
+            self._graphed = None  # release the previous graph's memory pool before recording a new one
+            self._graphed = GraphedMetaGradient(self.engine, inputs, steps, self.first_order, weights,
+                                                loss_fn, self.memory)
+        r = self._graphed(*inputs)
+        return EngineResult(**{f.name: _clone(getattr(r, f.name)) for f in fields(EngineResult)})
 
     # -- evaluation ----------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None,
@@ -302,6 +334,14 @@ class MAML(nn.Module):
         losses = task_losses(pred, query_y, loss_fn)
         acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
         return MetaStepOutput(losses.mean(), losses, acc)
+
+
+def _clone(x):
+    if isinstance(x, Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: v.clone() for k, v in x.items()}
+    return x
 
 
 def _accumulate(p: Tensor, g: Tensor) -> None:
