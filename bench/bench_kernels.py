@@ -1,7 +1,7 @@
 """Time per fused op for each kernel backend, against the reference and ``torch._foreach_*``.
 
-Workload: the fast weights of the paper's Omniglot network (4 x conv 64 + linear, P = 112,005
-adapted numbers in 18 tensors... 10 without BatchNorm's affine parameters) for T = 32 tasks.
+Workload: the fast weights of the paper's Omniglot network (4 x conv 64 + BatchNorm + linear, all
+P = 112,261 parameters in 18 tensors adapted) for T = 32 tasks.
 ``foreach`` is the per-tensor alternative: the same update written with ``torch._foreach_*`` over
 the per-layer [T, *shape] tensors (one launch per op per tensor instead of one fused pass).
 

@@ -19,6 +19,10 @@ All parameters are adapted (BatchNorm's too, as the baselines do), plain SGD, se
 usage:
   python bench/bench_meta_step.py                         # the standard workload, T=32, K=1 and 5
   python bench/bench_meta_step.py --impls engine,reference,torch_func,learn2learn --steps 1 5 20
+  python bench/bench_meta_step.py --sweep --impls engine,reference --group --name meta_step_sweep   # GPU
+
+``--group`` (CUDA only) runs all (T, K) of one workload and implementation in one subprocess, the
+allocator's peak reset and the memory freed between configurations.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,8 +61,10 @@ ENGINE_IMPLS = {
     "engine-kernels-cpp": {"kernels": "cpp"},
     "engine-kernels-triton": {"kernels": "triton"},
     "engine-kernels-cuda": {"kernels": "cuda"},
+    "engine-graph": {"cuda_graph": True},
     "reference": {"backend": "reference"},
 }
+SWEEP = dict(workloads=["omniglot-5w1s", "omniglot-20w5s", "sinusoid"], tasks=[4, 16, 32, 64], steps=[1, 5, 10, 20])
 BASELINE_IMPLS = ("torch_func", "torch_func_bnfix", "learn2learn", "higher", "torchopt")
 
 
@@ -115,6 +122,10 @@ def worker(cfg: Dict[str, object]) -> Dict[str, object]:
     device = cfg["device"]
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    # Exact float32 unless asked: with TF32 convolutions (cuDNN's default) the meta-gradients on the
+    # H100 differed by 1-9 % between implementations (learn2learn's from the reference's too), which
+    # leaves the float32 gradient check nothing to say.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("tf32", False))
     w = WORKLOADS[cfg["workload"]]
     model, batch = build(cfg["workload"], cfg["tasks"], device)
     step = make_step(cfg["impl"], model, w["inner_lr"], cfg["steps"], cfg["first_order"])
@@ -129,7 +140,7 @@ def worker(cfg: Dict[str, object]) -> Dict[str, object]:
     first = time.perf_counter() - t0
     grad = torch.cat([p.grad.detach().flatten().double().cpu() for p in model.parameters()])
     torch.save(grad, cfg["grad_path"])
-    timing = median_time(lambda: step(*batch), device, repeats=cfg["repeats"], warmup=0)
+    timing = median_time(lambda: step(*batch), device, repeats=cfg["repeats"], warmup=cfg.get("warmup", 0))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -137,23 +148,79 @@ def worker(cfg: Dict[str, object]) -> Dict[str, object]:
     return dict(first_step_s=first, peak_bytes=peak, **timing)
 
 
+def group_worker(cfgs: List[Dict[str, object]]) -> None:
+    """Runs in the subprocess on CUDA: several configurations of one implementation, one after the
+    other, printing one JSON line each. The CUDA allocator's peak is reset per configuration and the
+    previous configuration's memory freed, so the peak is as exact as in a fresh process; what a
+    group saves is the start-up of a process and of CUDA for every configuration."""
+    import gc
+
+    for cfg in cfgs:
+        try:
+            out = worker(cfg)
+        except torch.cuda.OutOfMemoryError:
+            out = dict(error="CUDA out of memory")
+        except Exception as e:  # reported per configuration; the group goes on
+            out = dict(error=f"{type(e).__name__}: {e}"[:300])
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(json.dumps(dict(out, key=cfg["key"])), flush=True)
+
+
 def run_one(cfg: Dict[str, object], timeout: float) -> Dict[str, object]:
-    fd, grad_path = tempfile.mkstemp(suffix=".pt")
-    os.close(fd)
-    cfg = dict(cfg, grad_path=grad_path)
+    return run_group([cfg], timeout)[0]
+
+
+def run_group(cfgs: List[Dict[str, object]], timeout: float) -> List[Dict[str, object]]:
+    """Results of the configurations, in order: one subprocess for one configuration, or a group
+    subprocess (CUDA) for several; ``timeout`` is per configuration."""
+    paths = []
+    for i, cfg in enumerate(cfgs):
+        fd, path = tempfile.mkstemp(suffix=".pt")
+        os.close(fd)
+        paths.append(path)
+        cfgs[i] = dict(cfg, grad_path=path, key=i)
+    flag = "--worker" if len(cfgs) == 1 else "--group-worker"
+    arg = json.dumps(cfgs[0] if len(cfgs) == 1 else cfgs)
+    results: Dict[int, Dict[str, object]] = {}
+    error = None
+    # A session of its own, so that a timeout kills whatever the worker started too (and the
+    # pipes close at once).
+    proc = subprocess.Popen([sys.executable, __file__, flag, arg], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
-                           capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-            return dict(error=tail[0][:300])
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-        out["grad"] = torch.load(grad_path, weights_only=True)
-        return out
+        stdout, stderr = proc.communicate(timeout=timeout * len(cfgs))
+        if proc.returncode != 0:
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["?"]
+            error = tail[0][:300]
     except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout:.0f} s")
-    finally:
-        os.unlink(grad_path)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        error = f"timed out after {timeout * len(cfgs):.0f} s"
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            out = json.loads(line)
+            results[int(out.pop("key", 0))] = out
+    outs = []
+    for i, path in enumerate(paths):
+        out = results.get(i, dict(error=error or "no result"))
+        if "error" not in out:
+            out["grad"] = torch.load(path, weights_only=True)
+        os.unlink(path)
+        outs.append(out)
+    return outs
+
+
+def add_ratios(rows: List[Dict[str, object]]) -> None:
+    """Speed and memory ratios against the reference, learn2learn and torch.func of the same
+    configuration (rows of one run)."""
+    for r in rows:
+        for base in ("reference", "learn2learn", "torch_func"):
+            b = next((x for x in rows if x["impl"] == base and "ms" in x and
+                      (x["workload"], x["T"], x["K"]) == (r["workload"], r["T"], r["K"])), None)
+            if b is not None and "ms" in r:
+                r[f"speedup_vs_{base}"] = b["ms"] / r["ms"]
+                r[f"memory_vs_{base}"] = r["peak_mib"] / b["peak_mib"] if b["peak_mib"] > 0 else None
 
 
 def available_impls(device: str) -> Dict[str, object]:
@@ -164,7 +231,9 @@ def available_impls(device: str) -> Dict[str, object]:
     backends = K.available_backends()
     for name, kw in ENGINE_IMPLS.items():
         kb = kw.get("kernels")
-        if kb is None:
+        if kw.get("cuda_graph") and not device.startswith("cuda"):
+            out[name] = "CUDA graphs need a CUDA device"
+        elif kb is None:
             out[name] = True
         elif backends.get(kb) != "available":
             out[name] = backends.get(kb)
@@ -186,6 +255,7 @@ def available_impls(device: str) -> Dict[str, object]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--group-worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", nargs="+", default=["omniglot-5w1s"], choices=sorted(WORKLOADS))
     ap.add_argument("--tasks", nargs="+", type=int, default=[32])
@@ -193,15 +263,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--impls", default="engine,reference,torch_func,torch_func_bnfix,learn2learn,higher,torchopt",
                     help="comma-separated; unavailable ones are reported and skipped")
     ap.add_argument("--first-order", action="store_true")
+    ap.add_argument("--tf32", action="store_true",
+                    help="let CUDA convolutions and matmuls use TF32 (PyTorch's default for cuDNN); off: exact float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed steps after the first (checked) one")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the sweep grid: every workload, T in 4 16 32 64, K in 1 5 10 20 (overrides those options)")
+    ap.add_argument("--group", action="store_true",
+                    help="CUDA only: one process per workload and implementation for all its (T, K), the peak "
+                         "memory reset between them (saves a process and CUDA start-up per configuration)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds for the whole run (0: no limit); configurations left when it is spent are "
+                         "recorded as not run, and the run ends cleanly with what it measured")
     ap.add_argument("--name", default="meta_step", help="JSON file name stem")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        cfg = json.loads(args.worker)
+        print(json.dumps(dict(worker(cfg), key=cfg["key"])))
         return 0
+    if args.group_worker:
+        group_worker(json.loads(args.group_worker))
+        return 0
+    if args.sweep:
+        args.workloads, args.tasks, args.steps = SWEEP["workloads"], SWEEP["tasks"], SWEEP["steps"]
+    if args.group and not args.device.startswith("cuda"):
+        ap.error("--group needs a CUDA device: on the CPU the peak resident set cannot be reset within a process")
 
     avail = available_impls(args.device)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -212,8 +301,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     impls = [i for i in impls if avail[i] is True]
     for i, why in skipped.items():
         print(f"skipping {i}: {why}", file=sys.stderr)
-    # The reference runs first: it is the oracle for the gradient check.
+    # The reference runs first: it is the oracle for the gradient check (without it, the first
+    # implementation named is, so that the others are still checked against something).
     impls.sort(key=lambda i: i != "reference")
+    oracle_impl = impls[0] if impls else None
 
     rows: List[Dict[str, object]] = []
     dev = machine(args.device)
@@ -221,47 +312,66 @@ def main(argv: Optional[List[str]] = None) -> int:
     def save(rows, partial: bool) -> str:
         return write_json(f"{args.name}_{device_tag(args.device)}", {
             "machine": dev, "args": vars(args), "skipped": skipped, "rows": rows, "partial": partial,
+            "gradient_oracle": oracle_impl,
         }, args.out)
 
-    for workload in args.workloads:
-        for T in args.tasks:
-            for K in args.steps:
-                oracle = None
-                for impl in impls:
-                    cfg = dict(workload=workload, tasks=T, steps=K, impl=impl, device=args.device,
-                               first_order=args.first_order, repeats=args.repeats, threads=args.threads)
-                    r = run_one(cfg, args.timeout)
-                    row = dict(workload=workload, T=T, K=K, impl=impl)
-                    if "error" in r:
-                        row["error"] = r["error"]
-                        print(f"{workload} T={T} K={K} {impl}: {r['error']}", file=sys.stderr)
-                        rows.append(row)
-                        continue
-                    grad = r.pop("grad")
-                    if impl == "reference":
-                        oracle = grad
-                    if oracle is not None:
-                        row["grad_rel_err"] = float((grad - oracle).norm() / oracle.norm())
-                        row["same_gradient"] = row["grad_rel_err"] <= 1e-3
-                    row.update(ms=r["median_s"] * 1e3, peak_mib=r["peak_bytes"] / 2**20,
-                               min_ms=r["min_s"] * 1e3, max_ms=r["max_s"] * 1e3, first_ms=r["first_step_s"] * 1e3)
-                    rows.append(row)
-                    print(f"{workload} T={T} K={K} {impl}: {row['ms']:.1f} ms, {row['peak_mib']:.0f} MiB",
-                          file=sys.stderr, flush=True)
-                    save(rows, partial=True)  # a run cut short still leaves what it measured
+    def record(workload: str, T: int, K: int, impl: str, r: Dict[str, object], oracles: Dict) -> None:
+        row: Dict[str, object] = dict(workload=workload, T=T, K=K, impl=impl)
+        if "error" in r:
+            row["error"] = r["error"]
+            print(f"{workload} T={T} K={K} {impl}: {r['error']}", file=sys.stderr, flush=True)
+            rows.append(row)
+            return
+        grad = r.pop("grad")
+        if impl == oracle_impl:
+            oracles[(workload, T, K)] = grad
+        oracle = oracles.get((workload, T, K))
+        if oracle is not None:
+            row["grad_rel_err"] = float((grad - oracle).norm() / oracle.norm())
+            row["same_gradient"] = row["grad_rel_err"] <= 1e-3
+        row.update(ms=r["median_s"] * 1e3, peak_mib=r["peak_bytes"] / 2**20,
+                   min_ms=r["min_s"] * 1e3, max_ms=r["max_s"] * 1e3, first_ms=r["first_step_s"] * 1e3)
+        rows.append(row)
+        print(f"{workload} T={T} K={K} {impl}: {row['ms']:.1f} ms, {row['peak_mib']:.0f} MiB",
+              file=sys.stderr, flush=True)
 
-    # Ratios against the reference and learn2learn of the same configuration, from this one run.
-    for r in rows:
-        for base in ("reference", "learn2learn", "torch_func"):
-            b = next((x for x in rows if x["impl"] == base and "ms" in x and
-                      (x["workload"], x["T"], x["K"]) == (r["workload"], r["T"], r["K"])), None)
-            if b is not None and "ms" in r:
-                r[f"speedup_vs_{base}"] = b["ms"] / r["ms"]
-                r[f"memory_vs_{base}"] = r["peak_mib"] / b["peak_mib"] if b["peak_mib"] > 0 else None
+    deadline = time.monotonic() + args.budget if args.budget > 0 else None
+
+    def timeout_for(n: int) -> float:
+        """Per-configuration timeout for a group of n, cut to what is left of the budget."""
+        if deadline is None:
+            return args.timeout
+        return min(args.timeout, (deadline - time.monotonic()) / n)
+
+    oracles: Dict = {}
+    for workload in args.workloads:
+        grid = [(T, K) for T in args.tasks for K in args.steps]
+        if args.group:
+            for impl in impls:
+                cfgs = [dict(workload=workload, tasks=T, steps=K, impl=impl, device=args.device,
+                             first_order=args.first_order, repeats=args.repeats, warmup=args.warmup,
+                             threads=args.threads, tf32=args.tf32) for T, K in grid]
+                t = timeout_for(len(cfgs))
+                results = run_group(cfgs, t) if t > 1 else [dict(error="not run: --budget spent")] * len(cfgs)
+                for (T, K), r in zip(grid, results):
+                    record(workload, T, K, impl, r, oracles)
+                save(rows, partial=True)  # a run cut short still leaves what it measured
+            continue
+        for T, K in grid:
+            for impl in impls:
+                cfg = dict(workload=workload, tasks=T, steps=K, impl=impl, device=args.device,
+                           first_order=args.first_order, repeats=args.repeats, warmup=args.warmup,
+                           threads=args.threads, tf32=args.tf32)
+                t = timeout_for(1)
+                r = run_one(cfg, t) if t > 1 else dict(error="not run: --budget spent")
+                record(workload, T, K, impl, r, oracles)
+                save(rows, partial=True)
+
+    add_ratios(rows)
     print(f"\nMAML meta-step, second order={not args.first_order}, device={args.device} ({dev['device_name']}), "
           f"torch {dev['torch']}, threads={args.threads or torch.get_num_threads()}")
     cols = ["workload", "T", "K", "impl", "ms", "peak_mib", "speedup_vs_reference", "speedup_vs_learn2learn",
-            "memory_vs_reference", "grad_rel_err", "same_gradient", "error"]
+            "speedup_vs_torch_func", "memory_vs_reference", "grad_rel_err", "same_gradient", "error"]
     print(table(rows, cols))
     print("wrote", save(rows, partial=False))
     return 0

@@ -23,26 +23,31 @@ def main() -> None:
     with open(args.result) as f:
         result = json.load(f)
     rows = [r for r in result["rows"] if "ms" in r]
-    configs = sorted({(r["workload"], r["T"], r["K"]) for r in rows}, key=lambda c: (c[0], c[1], c[2]))
+    workloads = sorted({r["workload"] for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    most = max(len({(r["T"], r["K"]) for r in rows if r["workload"] == w}) for w in workloads)
+    fig, axes = plt.subplots(len(workloads), 2, figsize=(max(12, 0.9 * most * 2), 4.2 * len(workloads)),
+                             squeeze=False)
     width = 0.8 / max(1, len(impls))
-    for metric, ax, label in (("ms", axes[0], "time per meta-step (ms, log)"),
-                              ("peak_mib", axes[1], "peak memory (MiB)")):
-        for i, impl in enumerate(impls):
-            xs, ys = [], []
-            for j, c in enumerate(configs):
-                r = next((r for r in rows if (r["workload"], r["T"], r["K"]) == c and r["impl"] == impl), None)
-                if r is not None:
-                    xs.append(j + i * width)
-                    ys.append(r[metric])
-            ax.bar(xs, ys, width, label=impl)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))])
-        ax.set_xticklabels([f"{w}\nT={t} K={k}" for w, t, k in configs], fontsize=8)
-        ax.set_ylabel(label)
-        if metric == "ms":
+    for row_axes, workload in zip(axes, workloads):
+        configs = sorted({(r["T"], r["K"]) for r in rows if r["workload"] == workload})
+        for metric, ax, label in (("ms", row_axes[0], "time per meta-step (ms, log)"),
+                                  ("peak_mib", row_axes[1], "peak memory (MiB, log)")):
+            for i, impl in enumerate(impls):
+                xs, ys = [], []
+                for j, c in enumerate(configs):
+                    r = next((r for r in rows if (r["workload"], r["T"], r["K"]) == (workload, *c)
+                              and r["impl"] == impl), None)
+                    if r is not None and r[metric] > 0:
+                        xs.append(j + i * width)
+                        ys.append(r[metric])
+                ax.bar(xs, ys, width, label=impl, color=f"C{i % 10}")  # one colour per impl everywhere
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))])
+            ax.set_xticklabels([f"T={t}\nK={k}" for t, k in configs], fontsize=7)
+            ax.set_ylabel(label)
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+            ax.set_title(workload, fontsize=9)
+        row_axes[0].legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(f"MAML meta-step on {m.get('device_name')} (torch {m.get('torch')})", fontsize=10)
     fig.tight_layout()

@@ -153,7 +153,10 @@ a CPython build from GitHub, not from PyPI, so this script does not use it."
     while read -r spec; do
         name="${spec%%==*}"
         case "$name" in learn2learn) continue ;; esac
-        if is_common "$name"; then echo "$name" >> "$offline"; else echo "$spec" >> "$offline"; fi
+        # generic packages: the target machine's own version serves (and scipy/numpy alone would
+        # outgrow what a device call can carry)
+        if is_common "$name"; then echo "$name" >> "$offline"; continue; fi
+        echo "$spec" >> "$offline"
         if "${BPIP[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 \
                 --implementation cp "${plat_args[@]}" -d "$WHEELS_DIR" "$spec" 2>/dev/null; then
             log "downloaded wheel: $spec"
@@ -177,7 +180,9 @@ stubs it for the duration of 'import learn2learn'.
 The learn2learn wheel was built here with Cython from the sdist (tag
 linux_x86_64, compiled against this machine's glibc); the other wheels are
 PyPI manylinux (<= 2.28) / pure wheels, and gym (sdist-only) was built as a
-pure-Python wheel.
+pure-Python wheel. Generic dependencies (numpy, scipy, pillow, requests, tqdm,
+...; marked "common" in bench/requirements-bench.txt) are not included: the
+target's own versions serve.
 EOF
     log "wheels in $WHEELS_DIR:"
     (cd "$WHEELS_DIR" && ls -1 *.whl | sed 's/^/[setup_bench_env]   /')
