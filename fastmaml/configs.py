@@ -66,6 +66,8 @@ KEYS: Dict[str, Key] = {
     "kernels": Key("fused-op kernel backend", choices=KERNELS),
     "batching": Key("how the model runs on the tasks of a batch: vmap, loop, or auto (loop on CPU, vmap on GPU)",
                     choices=("auto", "vmap", "loop")),
+    "cuda_graph": Key("record the meta-step in a CUDA graph and replay it (needs --device cuda; same gradients, "
+                      "less CPU launch overhead)"),
     # meta-optimization
     "meta_batch": Key("tasks per meta-update", min=1),
     "meta_lr": Key("Adam learning rate of the meta-update (beta)", min=0.0),
@@ -94,6 +96,7 @@ _COMMON = {
     "memory": "store",
     "kernels": "auto",
     "batching": "auto",
+    "cuda_graph": False,
     "meta_lr": 1e-3,
     "test_steps": 10,
     "grad_clip": 0.0,

@@ -105,11 +105,13 @@ def build_learner(config: Config, device: torch.device):
             kernels.resolve(device, config["kernels"])
         except (RuntimeError, ValueError) as e:
             raise UserError(f"kernels={config['kernels']}: {e}") from None
+    if config["cuda_graph"] and device.type != "cuda":
+        raise UserError(f"cuda_graph=true needs a CUDA device (--device cuda), not {device}")
     seed_everything(config["seed"])
     model = models.build(config).to(device)
     learner = MAML(model, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
                    first_order=config["first_order"], learn_lr=config["learn_lr"], memory=config["memory"],
-                   kernels=config["kernels"], batching=config["batching"])
+                   kernels=config["kernels"], batching=config["batching"], cuda_graph=config["cuda_graph"])
     opt = torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
     return learner, opt
 

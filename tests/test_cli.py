@@ -270,3 +270,11 @@ def test_figure2_ground_truth_is_the_data_layers_function():
     sx, sy, qx, qy, amp, phase = Sinusoid(shots=5, queries=3, seed=4).sample(6, return_params=True)
     assert torch.allclose(_true_function(sx, amp, phase), sy, atol=1e-6)
     assert torch.allclose(_true_function(qx, amp, phase), qy, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_graph_needs_a_cuda_device(tmp_path, capsys):
+    run = tmp_path / "new-run"
+    assert_user_error(capsys, run_cli(*train_args("sinusoid-tiny", run, "cuda_graph=true")),
+                      "cuda_graph=true needs a CUDA device", "--device cuda")
+    assert not run.exists()
