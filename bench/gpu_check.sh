@@ -81,9 +81,10 @@ say "== tests (engine vs reference on CUDA, cuda graph, kernels on every backend
 
 # 4. The standard workload against everything. --budget ends each benchmark cleanly with what it
 #    measured; the step's own limit is only a backstop.
-step "standard workload" 140 python bench/bench_meta_step.py --device cuda --tasks 32 --steps 1 5 --repeats 5 --warmup 1 \
+#    Every meta-gradient is checked against the reference computed in float64; TF32 is off.
+step "standard workload" 165 python bench/bench_meta_step.py --device cuda --tasks 32 --steps 1 5 --repeats 5 --warmup 1 \
   --group --impls reference,engine,engine-graph,torch_func,learn2learn,higher,torchopt \
-  --timeout 40 --budget 125 --name meta_step_standard --out "$OUT"
+  --timeout 40 --budget 150 --name meta_step_standard --out "$OUT"
 
 # 5. Where the time goes.
 step "profile engine" 25 python bench/profile_meta_step.py --device cuda --impl engine --out "$OUT"
@@ -92,8 +93,9 @@ step "profile engine-graph" 25 python bench/profile_meta_step.py --device cuda -
 # 6. The sweep (T in 4 16 32 64, K in 1 5 10 20), in parts sized to the budget: learn2learn (a
 #    Python loop over T x K task-steps) at T 4 and 16 with one timed step after the checked one, and
 #    20-way 5-shot without torch.func. Each part has its own file; later files win in the merge.
+#    The gradient oracle here is the first implementation listed (a float64 run per cell would not fit).
 SW=/tmp/sweep; rm -rf $SW; mkdir -p $SW
-GRID="--device cuda --steps 1 5 10 20 --group"
+GRID="--device cuda --steps 1 5 10 20 --group --oracle first"
 step "sweep sinusoid" 60 python bench/bench_meta_step.py $GRID --tasks 4 16 32 64 --workloads sinusoid --repeats 3 \
   --impls engine,engine-graph,torch_func --budget 45 --name sin --out $SW
 step "sweep sinusoid learn2learn" 45 python bench/bench_meta_step.py $GRID --tasks 4 16 --workloads sinusoid \
