@@ -228,6 +228,24 @@ def add_ratios(rows: List[Dict[str, object]]) -> None:
                 r[f"memory_vs_{base}"] = r["peak_mib"] / b["peak_mib"] if b["peak_mib"] > 0 else None
 
 
+def judge_gradients(rows: List[Dict[str, object]], floor: float = 1e-3, factor: float = 3.0) -> None:
+    """``same_gradient``: the row's meta-gradient is within ``max(floor, factor * e_ref)`` of the
+    oracle (relative, whole gradient), where e_ref is the float32 reference's own distance to the
+    oracle in the same configuration (when the reference ran). Against a float64 oracle the float32
+    rounding of a correct implementation grows with K and with the conditioning of the inner loop
+    (here 1.6e-4 at K = 1 and 1.4e-3 at K = 5 for the reference itself), so a fixed float32
+    tolerance would fail correct implementations, while one several times farther off than the
+    reference computes something else (torch.func through BatchNorm: 7.7e-3 at K = 1, 1.1e-2 at
+    K = 5)."""
+    for r in rows:
+        if "grad_rel_err" not in r:
+            continue
+        ref = next((x.get("grad_rel_err") for x in rows if x["impl"] == "reference" and
+                    (x["workload"], x["T"], x["K"]) == (r["workload"], r["T"], r["K"])), None)
+        r["grad_tolerance"] = max(floor, factor * ref) if ref else floor
+        r["same_gradient"] = r["grad_rel_err"] <= r["grad_tolerance"]
+
+
 def available_impls(device: str) -> Dict[str, object]:
     """Every implementation with True or the reason it cannot run."""
     import fastmaml.kernels as K
@@ -338,7 +356,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         oracle = oracles.get((workload, T, K))
         if oracle is not None:
             row["grad_rel_err"] = float((grad - oracle).norm() / oracle.norm())
-            row["same_gradient"] = row["grad_rel_err"] <= 1e-3
         row.update(ms=r["median_s"] * 1e3, peak_mib=r["peak_bytes"] / 2**20,
                    min_ms=r["min_s"] * 1e3, max_ms=r["max_s"] * 1e3, first_ms=r["first_step_s"] * 1e3)
         rows.append(row)
@@ -390,10 +407,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 save(rows, partial=True)
 
     add_ratios(rows)
+    judge_gradients(rows)
     print(f"\nMAML meta-step, second order={not args.first_order}, device={args.device} ({dev['device_name']}), "
           f"torch {dev['torch']}, threads={args.threads or torch.get_num_threads()}")
     cols = ["workload", "T", "K", "impl", "ms", "peak_mib", "speedup_vs_reference", "speedup_vs_learn2learn",
-            "speedup_vs_torch_func", "memory_vs_reference", "grad_rel_err", "same_gradient", "error"]
+            "speedup_vs_torch_func", "memory_vs_reference", "grad_rel_err", "grad_tolerance", "same_gradient", "error"]
     print(table(rows, cols))
     print("wrote", save(rows, partial=False))
     return 0
