@@ -172,19 +172,15 @@ def group_worker(cfgs: List[Dict[str, object]]) -> None:
         print(json.dumps(dict(out, key=cfg["key"])), flush=True)
 
 
-def run_one(cfg: Dict[str, object], timeout: float) -> Dict[str, object]:
-    return run_group([cfg], timeout)[0]
-
-
 def run_group(cfgs: List[Dict[str, object]], timeout: float) -> List[Dict[str, object]]:
     """Results of the configurations, in order: one subprocess for one configuration, or a group
     subprocess (CUDA) for several; ``timeout`` is per configuration."""
     paths = []
-    for i, cfg in enumerate(cfgs):
+    for _ in cfgs:
         fd, path = tempfile.mkstemp(suffix=".pt")
         os.close(fd)
         paths.append(path)
-        cfgs[i] = dict(cfg, grad_path=path, key=i)
+    cfgs = [dict(cfg, grad_path=path, key=i) for i, (cfg, path) in enumerate(zip(cfgs, paths))]
     flag = "--worker" if len(cfgs) == 1 else "--group-worker"
     arg = json.dumps(cfgs[0] if len(cfgs) == 1 else cfgs)
     results: Dict[int, Dict[str, object]] = {}
@@ -216,14 +212,19 @@ def run_group(cfgs: List[Dict[str, object]], timeout: float) -> List[Dict[str, o
     return outs
 
 
+def row_of(rows: List[Dict[str, object]], impl: str, like: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """The row of ``impl`` for the configuration (workload, T, K) of the row ``like``, if any."""
+    key = (like["workload"], like["T"], like["K"])
+    return next((x for x in rows if x["impl"] == impl and (x["workload"], x["T"], x["K"]) == key), None)
+
+
 def add_ratios(rows: List[Dict[str, object]]) -> None:
     """Speed and memory ratios against the reference, learn2learn and torch.func of the same
     configuration (rows of one run)."""
     for r in rows:
         for base in ("reference", "learn2learn", "torch_func"):
-            b = next((x for x in rows if x["impl"] == base and "ms" in x and
-                      (x["workload"], x["T"], x["K"]) == (r["workload"], r["T"], r["K"])), None)
-            if b is not None and "ms" in r:
+            b = row_of(rows, base, r)
+            if b is not None and "ms" in b and "ms" in r:
                 r[f"speedup_vs_{base}"] = b["ms"] / r["ms"]
                 r[f"memory_vs_{base}"] = r["peak_mib"] / b["peak_mib"] if b["peak_mib"] > 0 else None
 
@@ -240,8 +241,7 @@ def judge_gradients(rows: List[Dict[str, object]], floor: float = 1e-3, factor: 
     for r in rows:
         if "grad_rel_err" not in r:
             continue
-        ref = next((x.get("grad_rel_err") for x in rows if x["impl"] == "reference" and
-                    (x["workload"], x["T"], x["K"]) == (r["workload"], r["T"], r["K"])), None)
+        ref = (row_of(rows, "reference", r) or {}).get("grad_rel_err")
         r["grad_tolerance"] = max(floor, factor * ref) if ref else floor
         r["same_gradient"] = r["grad_rel_err"] <= r["grad_tolerance"]
 
@@ -343,7 +343,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "gradient_oracle": oracle_name,
         }, args.out)
 
-    def record(workload: str, T: int, K: int, impl: str, r: Dict[str, object], oracles: Dict) -> None:
+    oracles: Dict = {}  # (workload, T, K) -> the oracle's meta-gradient
+
+    def record(workload: str, T: int, K: int, impl: str, r: Dict[str, object]) -> None:
         row: Dict[str, object] = dict(workload=workload, T=T, K=K, impl=impl)
         if "error" in r:
             row["error"] = r["error"]
@@ -388,7 +390,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 print(f"{workload} T={T} K={K} float64 oracle: {r['error']}", file=sys.stderr, flush=True)
 
-    oracles: Dict = {}
     for workload in args.workloads:
         grid = [(T, K) for T in args.tasks for K in args.steps]
         if args.group:
@@ -396,14 +397,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run_oracles(workload, grid)
             for impl in impls:
                 for (T, K), r in zip(grid, run_cfgs([config(workload, T, K, impl) for T, K in grid])):
-                    record(workload, T, K, impl, r, oracles)
+                    record(workload, T, K, impl, r)
                 save(rows, partial=True)  # a run cut short still leaves what it measured
             continue
         for T, K in grid:
             if oracle_impl is None:
                 run_oracles(workload, [(T, K)])
             for impl in impls:
-                record(workload, T, K, impl, run_cfgs([config(workload, T, K, impl)])[0], oracles)
+                record(workload, T, K, impl, run_cfgs([config(workload, T, K, impl)])[0])
                 save(rows, partial=True)
 
     add_ratios(rows)

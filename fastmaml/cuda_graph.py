@@ -48,9 +48,9 @@ class GraphedMetaGradient:
     replays the graph and returns the static ``EngineResult`` (valid until the next replay).
     """
 
-    def __init__(self, engine: Engine, inputs: Tuple[Tensor, Tensor, Tensor, Tensor], steps: int,
+    def __init__(self, key: Hashable, engine: Engine, inputs: Tuple[Tensor, Tensor, Tensor, Tensor], steps: int,
                  first_order: bool, weights: Sequence[float], loss_fn: Optional[LossFn], memory: str) -> None:
-        self.key = graph_key(engine, inputs, steps, first_order, weights, loss_fn, memory)
+        self.key = key  # graph_key(...) of these arguments, computed by the caller
         self.static_inputs = tuple(t.detach().clone() for t in inputs)
 
         def run() -> EngineResult:

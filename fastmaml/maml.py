@@ -281,7 +281,7 @@ class MAML(nn.Module):
         key = graph_key(self.engine, inputs, steps, self.first_order, weights, loss_fn, self.memory)
         if self._graphed is None or self._graphed.key != key:
             self._graphed = None  # release the previous graph's memory pool before recording a new one
-            self._graphed = GraphedMetaGradient(self.engine, inputs, steps, self.first_order, weights,
+            self._graphed = GraphedMetaGradient(key, self.engine, inputs, steps, self.first_order, weights,
                                                 loss_fn, self.memory)
         r = self._graphed(*inputs)
         return EngineResult(**{f.name: _clone(getattr(r, f.name)) for f in fields(EngineResult)})
