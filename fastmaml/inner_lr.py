@@ -16,14 +16,67 @@ rate in the fused ops' form: 0-d, [S] with the layout's segments, or [P].
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .layout import FlatLayout
 
 LR_MODES = ("scalar", "per_step", "per_layer_per_step", "per_parameter")
+
+
+_WHAT = "inner_lr must be a number >= 0, a sequence of them (one per step), or a 0-d or 1-d tensor"
+
+
+def _number(x, inner_lr) -> float:
+    """One rate: a real number (Python, numpy or a one-element tensor), finite and >= 0."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1 or x.dim() > 1:
+            raise ValueError(f"{_WHAT}; got a tensor of shape {list(x.shape)} inside {inner_lr!r}")
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{_WHAT}; got a {x.dtype} tensor")
+        v = float(x.detach().reshape(()).item())
+    elif isinstance(x, np.ndarray) and x.ndim == 0:
+        return _number(x.item(), inner_lr)
+    elif isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{_WHAT}; got a bool ({x!r})")
+    elif isinstance(x, numbers.Real):
+        v = float(x)
+    elif isinstance(x, str):
+        raise TypeError(f"{_WHAT}; got a str {x!r}")
+    else:
+        raise TypeError(f"{_WHAT}; got {type(x).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"inner_lr must be finite, got {v}")
+    if v < 0:
+        raise ValueError(f"inner_lr must be >= 0, got {v:g}")
+    return v
+
+
+def parse_inner_lr(inner_lr) -> Tuple[bool, List[float]]:
+    """(one value per step?, the values) of an ``inner_lr`` argument, checked (see ``_WHAT``)."""
+    if isinstance(inner_lr, Tensor):
+        if inner_lr.dim() > 1:
+            raise ValueError(f"{_WHAT}; got a tensor of shape {list(inner_lr.shape)}")
+        if inner_lr.dim() == 0:
+            return False, [_number(inner_lr, inner_lr)]
+        items = list(inner_lr.detach().cpu().unbind(0))
+    elif isinstance(inner_lr, np.ndarray):
+        if inner_lr.ndim > 1:
+            raise ValueError(f"{_WHAT}; got an array of shape {list(inner_lr.shape)}")
+        if inner_lr.ndim == 0:
+            return False, [_number(inner_lr, inner_lr)]
+        items = list(inner_lr)
+    elif isinstance(inner_lr, (str, bytes, dict, set)) or not isinstance(inner_lr, Sequence):
+        return False, [_number(inner_lr, inner_lr)]
+    else:
+        items = list(inner_lr)
+    if not items:
+        raise ValueError(f"{_WHAT}; got an empty {type(inner_lr).__name__}")
+    return True, [_number(x, inner_lr) for x in items]
 
 
 class InnerLR(nn.Module):
@@ -40,10 +93,7 @@ class InnerLR(nn.Module):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        per_step_values = not isinstance(inner_lr, (int, float))
-        values = [float(x) for x in inner_lr] if per_step_values else [float(inner_lr)]
-        if not values or not all(math.isfinite(x) for x in values):
-            raise ValueError(f"inner_lr must be a finite float or a non-empty sequence of finite floats, got {inner_lr!r}")
+        per_step_values, values = parse_inner_lr(inner_lr)
         if per_step_values and len(values) != inner_steps:
             raise ValueError(f"inner_lr has {len(values)} values but inner_steps={inner_steps}; give one per step")
         if lr_mode is None:

@@ -49,6 +49,30 @@ def select_adapted(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> List[s
     return chosen
 
 
+def check_unshared(model: nn.Module) -> None:
+    """Refuse a model with a submodule or a parameter registered under two names (tied weights).
+
+    ``named_parameters`` lists a shared parameter once, so the inner loop would adapt one name and
+    ``functional_call`` would substitute the other with the unadapted tensor (or break the tie);
+    rather than compute something else than the model's forward, such models are refused."""
+    seen: Dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in seen and seen[id(m)] != name and any(True for _ in m.parameters()):
+            raise ValueError(
+                f"model: the submodule {seen[id(m)]!r} and {name!r} are the same module object (registered "
+                "twice); fastmaml does not support shared (tied) submodules or parameters: keep the module "
+                "under one name and call it twice in forward()")
+        seen.setdefault(id(m), name)
+    seen = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            raise ValueError(
+                f"model: the parameters {seen[id(p)]!r} and {name!r} are the same tensor (tied weights); "
+                "fastmaml does not support shared (tied) parameters: untie them, or use the module that "
+                "owns the weight for both computations in forward()")
+        seen[id(p)] = name
+
+
 @dataclass(frozen=True)
 class FlatLayout:
     """Where each adapted tensor lives in the flat [P] vector."""

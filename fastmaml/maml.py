@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import numbers
+from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,7 +13,7 @@ from .cuda_graph import GraphedMetaGradient, graph_key
 from .engine import MEMORY_MODES, Engine, EngineResult
 from .functional import LossFn, batch_statistics, is_classification, task_accuracy, task_losses
 from .inner_lr import InnerLR
-from .layout import AdaptSpec, FlatLayout, select_adapted
+from .layout import AdaptSpec, FlatLayout, check_unshared, select_adapted
 from .reference import maml as reference
 
 BACKENDS = ("engine", "reference")
@@ -34,10 +35,18 @@ class MetaStepOutput:
 
 @dataclass
 class FastWeights:
-    """The adapted parameters of T tasks: ``flat`` [T, P], in the learner's layout."""
+    """The adapted parameters of T tasks: ``flat`` [T, P], in the learner's layout.
+
+    ``learner`` identifies the MAML learner whose ``adapt`` made them (with its parameter layout),
+    ``example_shape`` the shape of one support example: ``predict`` refuses fast weights of another
+    learner and inputs of another shape.
+    """
 
     flat: Tensor
     support_losses: Tensor  # [K, T]
+    learner: Optional[object] = field(default=None, repr=False, compare=False)
+    layout: Optional[FlatLayout] = field(default=None, repr=False, compare=False)
+    example_shape: Optional[Tuple[int, ...]] = None
 
     @property
     def num_tasks(self) -> int:
@@ -53,8 +62,9 @@ class MAML(nn.Module):
 
     Args:
         model: any ``nn.Module`` mapping a batch of inputs [N, ...] to outputs [N, ...].
-        inner_lr: the inner learning rate: a float, or one float per inner step.
-        inner_steps: K, the number of inner SGD steps in training.
+        inner_lr: the inner learning rate, >= 0 and finite: a number (Python or numpy) or a 0-d
+            tensor, or one per inner step (a sequence or a 1-d tensor).
+        inner_steps: K, the number of inner SGD steps in training (an int, not a bool).
         first_order: drop the second-order term (FOMAML).
         learn_lr: make the inner learning rates parameters that receive ``.grad``.
         lr_mode: 'scalar', 'per_step', 'per_layer_per_step' (MAML++) or 'per_parameter'
@@ -77,6 +87,18 @@ class MAML(nn.Module):
             from step to step (another shape records a new graph); results are identical to eager.
 
     BatchNorm always normalizes with per-task batch statistics (the paper's transductive mode).
+
+    Refused, with an error naming the module or argument (parameters and ``.grad`` unchanged):
+
+    * a submodule or parameter registered under two names (tied weights), at construction;
+    * a module that draws random numbers in training mode (``Dropout`` with p > 0, ``RReLU``...), at
+      ``meta_step`` and ``adapt``: the reverse pass recomputes support gradients, which would see
+      other random masks than the inner steps did (and vmap refuses randomness), so the
+      meta-gradient would be wrong. Put such modules in ``eval()`` mode. Randomness drawn inside
+      ``forward`` by functional calls (``F.dropout(training=True)``) cannot be detected: don't.
+    * targets of another shape than the predictions (float regression targets must have the
+      prediction's shape ``[T, N, ...]``; class labels are int64 ``[T, N]``), NaN/Inf inputs,
+      query examples of another shape than the support's, and a non-finite meta-gradient.
     """
 
     def __init__(
@@ -99,8 +121,12 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
+        if not _is_int(inner_steps) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r} ({type(inner_steps).__name__})")
+        inner_steps = int(inner_steps)
+        for flag, value in (("first_order", first_order), ("learn_lr", learn_lr), ("adapt_bn", adapt_bn)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r} ({type(value).__name__})")
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if backend not in BACKENDS:
@@ -128,11 +154,13 @@ class MAML(nn.Module):
                 f"multi_step_weights must have inner_steps={inner_steps} entries (w_1..w_K), "
                 f"got {len(self.multi_step_weights)}"
             )
+        check_unshared(model)
         self.layout = FlatLayout.of(model, select_adapted(model, adapt, adapt_bn))
         first = next(p for n, p in model.named_parameters() if n == self.layout.names[0])
         self.inner_lr = InnerLR(inner_lr, inner_steps, self.layout, lr_mode, learn_lr, first.dtype, first.device)
         self.engine = Engine(model, self.layout, self.inner_lr, kernels, batching)
-        self._out_features: Dict[Tuple, int] = {}
+        self._out_features: Dict[Tuple, Tuple[int, ...]] = {}
+        self._identity = _LearnerIdentity()
 
     @property
     def adapted_names(self) -> Tuple[str, ...]:
@@ -150,26 +178,62 @@ class MAML(nn.Module):
 
     def _steps(self, steps: Optional[int], least: int = 1) -> int:
         steps = self.inner_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < least:
-            raise ValueError(f"steps must be an int >= {least}, got {steps!r}")
+        if not _is_int(steps) or steps < least:
+            raise ValueError(f"steps must be an int >= {least}, got {steps!r} ({type(steps).__name__})")
+        steps = int(steps)
         self.inner_lr.check_steps(steps)
         return steps
 
-    def _check_inputs(self, pairs: Sequence[Tuple[str, Tensor, str, Tensor]]) -> None:
-        ref = next(p for n, p in self.model.named_parameters() if n == self.layout.names[0])
+    def _reference_param(self) -> Tensor:
+        return next(p for n, p in self.model.named_parameters() if n == self.layout.names[0])
+
+    def _check_deterministic(self, where: str) -> None:
+        """Refuse modules that draw random numbers in training mode (Dropout and the like)."""
+        for name, m in self.model.named_modules():
+            if not m.training:
+                continue
+            random = (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or isinstance(m, nn.RReLU)
+            if random:
+                what = f"model.{name}" if name else "model"
+                extra = f", p={m.p}" if isinstance(m, nn.modules.dropout._DropoutNd) else ""
+                raise ValueError(
+                    f"{where}: {what} ({type(m).__name__}{extra}) is in training mode and draws random numbers; "
+                    "the inner steps and the meta-gradient's reverse pass would use different random masks, "
+                    f"so the meta-gradient would be wrong. Put it in evaluation mode ({what}.eval() or "
+                    "learner.eval(); BatchNorm keeps using batch statistics) or remove it")
+
+    @staticmethod
+    def _check_finite_input(name: str, x: Tensor) -> None:
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            idx = bad.nonzero()[0]
+            t, n = int(idx[0]), int(idx[1])
+            raise ValueError(f"{name} holds a non-finite value ({x[tuple(idx)].item()}) in task {t}, example {n}")
+
+    def _check_x(self, name: str, x: Tensor, ref: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {ref.device}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} must be task-batched [T, N, ...], got shape {_shape(x)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor of the model's dtype {ref.dtype}, got {x.dtype}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {ref.dtype}")
+
+    def _check_inputs(self, pairs: Sequence[Tuple[str, Tensor, str, Tensor]],
+                      loss_fn: Optional[LossFn] = None) -> None:
+        ref = self._reference_param()
         T = None
         for xname, x, yname, y in pairs:
-            for name, t in ((xname, x), (yname, y)):
-                if not isinstance(t, Tensor):
-                    raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-                if t.device != ref.device:
-                    raise ValueError(f"{name} is on {t.device} but the model is on {ref.device}")
-                if t.dim() < 2:
-                    raise ValueError(f"{name} must be task-batched [T, N, ...], got shape {_shape(t)}")
-            if not x.is_floating_point():
-                raise TypeError(f"{xname} must be a floating-point tensor of the model's dtype {ref.dtype}, got {x.dtype}")
-            if x.dtype != ref.dtype:
-                raise TypeError(f"{xname} has dtype {x.dtype} but the model's parameters are {ref.dtype}")
+            self._check_x(xname, x, ref)
+            if not isinstance(y, Tensor):
+                raise TypeError(f"{yname} must be a Tensor, got {type(y).__name__}")
+            if y.device != ref.device:
+                raise ValueError(f"{yname} is on {y.device} but the model is on {ref.device}")
+            if y.dim() < 2:
+                raise ValueError(f"{yname} must be task-batched [T, N, ...], got shape {_shape(y)}")
             if T is None:
                 T = x.shape[0]
             for name, t in ((xname, x), (yname, y)):
@@ -189,16 +253,34 @@ class MAML(nn.Module):
                 raise TypeError(f"{yname} must hold int64 class labels or float targets, got {y.dtype}")
         if T == 0:
             raise ValueError("the task batch is empty (T = 0)")
-        x0 = pairs[0][1]
-        out = self._output_features(x0)
-        for _, _, yname, y in pairs:
+        x0name, x0 = pairs[0][0], pairs[0][1]
+        for xname, x, _, _ in pairs[1:]:
+            if x.shape[2:] != x0.shape[2:]:
+                raise ValueError(
+                    f"{xname} has examples of shape {_shape(x[0, 0])} but {x0name}'s are {_shape(x0[0, 0])}: "
+                    "the model sees the query examples in the support examples' shape")
+        for xname, x, _, _ in pairs:
+            self._check_finite_input(xname, x)
+        out_shape = self._output_shape(x0)
+        out = out_shape[-1] if out_shape else 1
+        for xname, x, yname, y in pairs:
+            pred = f"[{T}, {x.shape[1]}" + "".join(f", {s}" for s in out_shape) + "]"
             if is_classification(y):
+                if loss_fn is None and y.dim() != 2:
+                    raise ValueError(
+                        f"{yname}: int64 class labels must have shape [T, N] = [{T}, {x.shape[1]}] (one label per "
+                        f"example; the predictions are {pred}), got {_shape(y)}")
                 lo, hi = int(y.min()), int(y.max())
                 if lo < 0 or hi >= out:
                     raise ValueError(f"{yname} holds labels in [{lo}, {hi}] but the model outputs {out} classes")
+            elif tuple(y.shape[2:]) != tuple(out_shape):
+                raise ValueError(
+                    f"{yname} holds float targets of shape {_shape(y)} but the model's predictions are {pred}: "
+                    f"regression targets must have the prediction's shape {pred} (they would be broadcast); "
+                    f"for classification give int64 labels of shape [{T}, {x.shape[1]}]")
 
-    def _output_features(self, x: Tensor) -> int:
-        """The model's output width for inputs shaped like x[0]; a probe forward on one task."""
+    def _output_shape(self, x: Tensor) -> Tuple[int, ...]:
+        """The model's output shape per example for inputs shaped like x[0]; a probe forward on one task."""
         key = tuple(x.shape[2:])
         if key not in self._out_features:
             try:
@@ -206,8 +288,18 @@ class MAML(nn.Module):
                     out = self.model(x[0])
             except (RuntimeError, ValueError) as e:
                 raise ValueError(f"the model rejected inputs of shape {_shape(x[0])} (one task of {_shape(x)}): {e}") from e
-            self._out_features[key] = out.shape[-1] if out.dim() > 1 else 1
+            self._out_features[key] = tuple(out.shape[1:])
         return self._out_features[key]
+
+    def _check_meta_gradient(self, grads: Dict[str, Tensor], lr_grad: Optional[Tensor]) -> None:
+        items = list(grads.items()) + ([("inner_lr.lr", lr_grad)] if lr_grad is not None else [])
+        for name, g in items:
+            if not bool(torch.isfinite(g).all()):
+                n_bad = int((~torch.isfinite(g)).sum())
+                raise FloatingPointError(
+                    f"non-finite meta-gradient: {n_bad} of the {g.numel()} elements of the gradient of {name} are "
+                    "NaN or Inf although the losses are finite (an inner_lr or inputs too large?); "
+                    "the model's parameters and .grad are unchanged")
 
     @staticmethod
     def _check_finite(support_losses: Tensor, query_losses: Tensor, weights: Sequence[float]) -> None:
@@ -246,7 +338,9 @@ class MAML(nn.Module):
         """
         steps = self._steps(steps)
         weights = self._weights(steps)
-        self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)))
+        self._check_deterministic("meta_step")
+        self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
+                           loss_fn)
         if self.backend == "reference":
             r = reference.meta_gradient(self.model, self.inner_lr, self.layout, support_x, support_y,
                                         query_x, query_y, steps, self.first_order, weights, loss_fn)
@@ -263,6 +357,7 @@ class MAML(nn.Module):
             grads = dict(self.layout.views(r.theta_grad))
             grads.update(r.shared_grads)
             lr_grad = r.lr_grad
+        self._check_meta_gradient(grads, lr_grad)
         for name, p in self.model.named_parameters():
             if name in grads:
                 _accumulate(p, grads[name])
@@ -292,7 +387,8 @@ class MAML(nn.Module):
         """The fast weights of every task after ``steps`` inner steps (default: ``inner_steps``;
         0 gives the meta-parameters themselves, for the before-adaptation baseline)."""
         steps = self._steps(steps, least=0)
-        self._check_inputs((("support_x", support_x, "support_y", support_y),))
+        self._check_deterministic("adapt")
+        self._check_inputs((("support_x", support_x, "support_y", support_y),), loss_fn)
         if self.backend == "reference":
             flat, losses = self._reference_adapt(support_x, support_y, steps, loss_fn)
         else:
@@ -300,7 +396,10 @@ class MAML(nn.Module):
         if not bool(torch.isfinite(losses).all()):
             k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
             raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
-        return FastWeights(flat, losses)
+        if not bool(torch.isfinite(flat).all()):
+            raise FloatingPointError("non-finite fast weights after the inner steps although the support losses "
+                                     "are finite (an inner_lr or inputs too large?)")
+        return FastWeights(flat, losses, self._identity, self.layout, tuple(support_x.shape[2:]))
 
     def _reference_adapt(self, sx, sy, steps, loss_fn):
         loss_fn = loss_fn or (torch.nn.functional.cross_entropy if is_classification(sy) else torch.nn.functional.mse_loss)
@@ -318,22 +417,68 @@ class MAML(nn.Module):
 
     @torch.no_grad()
     def predict(self, fast: FastWeights, x: Tensor) -> Tensor:
-        """Outputs [T, M, ...] of each task's adapted model on its inputs x [T, M, ...]."""
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != fast.num_tasks:
-            got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be [T={fast.num_tasks}, M, ...], got {got}")
+        """Outputs [T, M, ...] of each task's adapted model on its inputs x [T, M, ...].
+
+        ``fast`` must come from this learner's ``adapt``; x gets the checks of ``meta_step``'s inputs
+        (device, dtype, finite values, T tasks, examples of the support set's shape)."""
+        self._check_fast(fast)
+        ref = self._reference_param()
+        self._check_x("x", x, ref)
+        T = fast.num_tasks
+        if x.shape[0] != T:
+            raise ValueError(f"x has {x.shape[0]} tasks (shape {_shape(x)}) but fast holds {T} tasks' weights")
+        if x.shape[1] == 0:
+            raise ValueError(f"x is empty: every task needs at least one example, got shape {_shape(x)}")
+        if fast.example_shape is not None and tuple(x.shape[2:]) != tuple(fast.example_shape):
+            want = "[" + ", ".join(str(s) for s in fast.example_shape) + "]"
+            raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
+        self._check_finite_input("x", x)
         return self.engine.batched.forward(fast.flat, x)
+
+    def _check_fast(self, fast: FastWeights) -> None:
+        if not isinstance(fast, FastWeights):
+            hint = " (pass the FastWeights itself, not fast.flat)" if isinstance(fast, Tensor) else ""
+            article = "a Tensor" if isinstance(fast, Tensor) else type(fast).__name__
+            raise TypeError(f"fast must be the FastWeights that this learner's adapt() returned, got {article}{hint}")
+        if fast.layout is not None and fast.layout != self.layout:
+            raise ValueError(
+                f"fast holds weights of another learner: a layout of {fast.layout.numel} adapted numbers in "
+                f"{fast.layout.num_segments} tensors, this learner adapts {self.layout.numel} in "
+                f"{self.layout.num_segments}; use the learner whose adapt() made them")
+        if fast.learner is not None and fast.learner is not self._identity:
+            raise ValueError("fast holds weights made by another learner (same layout, but its other parameters "
+                             "may differ); use the learner whose adapt() made them")
+        ref = self._reference_param()
+        flat = fast.flat
+        if not isinstance(flat, Tensor) or flat.dim() != 2 or flat.shape[1] != self.layout.numel:
+            got = _shape(flat) if isinstance(flat, Tensor) else type(flat).__name__
+            raise ValueError(f"fast.flat must be [T, P={self.layout.numel}], got {got}")
+        if flat.device != ref.device or flat.dtype != ref.dtype:
+            raise ValueError(f"fast.flat is {flat.dtype} on {flat.device} but the model is {ref.dtype} on {ref.device}")
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("fast.flat holds non-finite values")
 
     @torch.no_grad()
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                  steps: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> MetaStepOutput:
         """Adapt on the support sets, then the query loss (and accuracy) of every task."""
-        self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)))
+        self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
+                           loss_fn)
         fast = self.adapt(support_x, support_y, steps, loss_fn)
         pred = self.predict(fast, query_x)
         losses = task_losses(pred, query_y, loss_fn)
         acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
         return MetaStepOutput(losses.mean(), losses, acc)
+
+
+class _LearnerIdentity:
+    """A token that tells this learner's FastWeights from another's (a copy of a learner gets its own)."""
+
+    __slots__ = ()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _clone(x):

@@ -33,7 +33,8 @@ def test_task_count_mismatch(learner):
 def test_feature_shape_the_model_rejects(learner):
     sx, sy, qx, qy = classification_batch(2, size=8)
     bad = torch.randn(2, sx.shape[1], 3, 8, 8, dtype=torch.float64)
-    _expect(learner, ValueError, r"the model rejected inputs of shape \[6, 3, 8, 8\]", bad, sy, qx, qy)
+    bad_q = torch.randn(2, qx.shape[1], 3, 8, 8, dtype=torch.float64)
+    _expect(learner, ValueError, r"the model rejected inputs of shape \[6, 3, 8, 8\]", bad, sy, bad_q, qy)
 
 
 def test_labels_out_of_range(learner):
