@@ -80,3 +80,72 @@ def same_state(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> bool:
         if a[k] is not None and not torch.equal(a[k], b[k]):
             return False
     return True
+
+
+# -- issue 15: non-uniform rates, hand-written adaptation (independent of the engine and the oracle) --
+
+LR_MODES = ("scalar", "per_step", "per_layer_per_step", "per_parameter")
+
+
+def set_random_rates(learner: fastmaml.MAML, seed: int, lo: float = 0.02, hi: float = 0.3) -> Tensor:
+    """Overwrite the learner's inner rates with fresh random values in [lo, hi), all different, so
+    that a rate read at the wrong step, layer or element changes the result."""
+    g = torch.Generator().manual_seed(seed)
+    lr = learner.inner_lr.lr
+    with torch.no_grad():
+        lr.copy_((lo + (hi - lo) * torch.rand(lr.shape, generator=g, dtype=torch.float64)).to(lr.dtype))
+    if lr.dim() > 0:
+        assert lr.unique().numel() == lr.numel(), "rates must be non-uniform"
+    return lr.detach().clone()
+
+
+def run_random_rates(model: nn.Module, batch, backend: str, seed: int, **kw):
+    """``run`` with the rates randomized (the same ``seed`` gives the same rates for every backend)."""
+    learner = fastmaml.MAML(copy.deepcopy(model), backend=backend, **kw)
+    set_random_rates(learner, seed)
+    out = learner.meta_step(*batch)
+    return grads_of(learner), out, learner
+
+
+def rate_table(mode: str, lr: Tensor, steps: int, sizes: List[int]) -> Tensor:
+    """[steps, P]: the rate of every element at every step, written out element by element from the
+    definition in fastmaml/inner_lr.py's docstring (scalar: lr; per_step: lr[k]; per_layer_per_step:
+    lr[k, i] for the elements of adapted tensor i; per_parameter: lr[p])."""
+    P = sum(sizes)
+    out = torch.empty(steps, P, dtype=lr.dtype)
+    for k in range(steps):
+        p = 0
+        for i, n in enumerate(sizes):
+            for _ in range(n):
+                if mode == "scalar":
+                    out[k, p] = lr
+                elif mode == "per_step":
+                    out[k, p] = lr[k]
+                elif mode == "per_layer_per_step":
+                    out[k, p] = lr[k, i]
+                else:
+                    out[k, p] = lr[p]
+                p += 1
+    return out
+
+
+def hand_adapt(model: nn.Module, names: List[str], x: Tensor, y: Tensor, steps: int, rates: Tensor,
+               loss_fn=None) -> List[Dict[str, Tensor]]:
+    """One task's iterates theta_0..theta_steps by plain SGD: ``rates`` is ``rate_table``'s [K, P] in
+    the order of ``names``. The model must have no BatchNorm (or be put in the wanted mode by the
+    caller). Detached dicts name -> tensor (all trainable parameters)."""
+    loss_fn = loss_fn or (torch.nn.functional.mse_loss if y.is_floating_point() else torch.nn.functional.cross_entropy)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = [dict(params)]
+    for k in range(steps):
+        leaves = {n: t.clone().requires_grad_(n in names) for n, t in params.items()}
+        loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+        p = 0
+        params = dict(params)
+        for n, gr in zip(names, grads):
+            a = rates[k, p:p + gr.numel()].view_as(gr)
+            params[n] = params[n] - a * gr
+            p += gr.numel()
+        out.append(dict(params))
+    return out
