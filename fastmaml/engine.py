@@ -14,27 +14,45 @@ meta-gradient comes from an explicit reverse pass instead of the unrolled autogr
 Parameters that the inner loop does not adapt (phi) collect ``(w_k/T) dL_Q/dphi`` at every weighted
 step and, second order, ``-d/dphi <g_k, a_k v>`` from the same double backward as the HVP.
 
-Memory: ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each) and at most one step's
-activations; ``recompute`` keeps about sqrt(K) checkpoints and recomputes the iterates between two
-checkpoints during the reverse pass. Activation memory does not grow with K in either mode.
+Two paths run the model for all tasks (``Engine.path``):
+
+* ``fused``: models made of the layers in :mod:`fastmaml.layers.program` (Conv2d, BatchNorm,
+  ReLU/LeakyReLU, MaxPool2d(2), global mean, Flatten, Linear; ``nn.Sequential`` and Conv4) with the
+  built-in losses run on the project's task-batched layer kernels (:mod:`fastmaml.layers`): forward,
+  backward and the HVP by the R-operator (engine.md section 9), without autograd.
+* ``generic``: any other model or a user ``loss_fn``: ``torch.func.vmap`` (or a loop over tasks) of
+  the module, support gradients by autograd and the HVP by autograd's double backward.
+
+Memory: ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the last step's support
+activations and, on the fused path, earlier steps' support activations while they total at most
+``STORE_FRACTION`` of the query pass's (so peak memory stays flat in K); other steps' support
+gradients are recomputed in the reverse pass. ``recompute`` keeps about sqrt(K) checkpoints and
+recomputes the iterates between two checkpoints during the reverse pass.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import kernels
+from . import layers
 from .functional import LossFn, TaskBatchedModel, is_classification, task_accuracy, task_losses
 from .inner_lr import InnerLR
+from .layers.program import Unsupported, compile_model
+from .layers.runner import FusedModel, FusedState
 from .layout import FlatLayout
 
 MEMORY_MODES = ("store", "recompute")
+BATCHING = ("auto", "fused", "vmap", "loop")
+# store mode, fused path: support activations of earlier steps are kept while they total at most
+# this fraction of the query pass's activations (estimated from the support pass's per example)
+STORE_FRACTION = 0.2
 
 
 @dataclass
@@ -54,12 +72,49 @@ class Engine:
 
     def __init__(self, model: nn.Module, layout: FlatLayout, inner_lr: InnerLR,
                  kernel_backend: Optional[str] = None, batching: str = "auto"):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.model = model
         self.layout = layout
         self.inner_lr = inner_lr
-        self.batched = TaskBatchedModel(model, layout, batching)
         self.kernel_backend = kernel_backend
         self._segments: Dict[torch.device, Tensor] = {}
+        self.fused: Optional[FusedModel] = None
+        self.fallback_reason = ""
+        if batching in ("auto", "fused"):
+            try:
+                self.fused = FusedModel(model, layout, compile_model(model), None)
+            except Unsupported as e:
+                if batching == "fused":
+                    raise ValueError(f"batching='fused' cannot run this model: {e}") from None
+                self.fallback_reason = str(e)
+        else:
+            self.fallback_reason = f"batching={batching!r} was asked for"
+        self.batched = TaskBatchedModel(model, layout, "auto" if batching == "fused" else batching)
+
+    def uses_fused(self, loss_fn: Optional[LossFn]) -> bool:
+        return self.fused is not None and loss_fn is None
+
+    def path(self, device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None) -> str:
+        """One line: the path a meta-step takes, and why when it is the generic one."""
+        if self.uses_fused(loss_fn):
+            dev = device or next(self.model.parameters()).device
+            return f"fused ({layers.layer_kernels(dev, self._layer_backend()).name} layer kernels)"
+        why = self.fallback_reason or "a custom loss_fn (the fused path runs the built-in losses)"
+        return f"generic ({self.batched.batching}): {why}"
+
+    def _layer_backend(self) -> str:
+        return "auto" if self.kernel_backend in (None, "auto", "cuda") else self.kernel_backend
+
+    def _fused_for(self, device: torch.device) -> FusedModel:
+        self.fused.kernels = layers.layer_kernels(device, self._layer_backend())
+        return self.fused
+
+    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
+        """Every task's outputs [T, M, ...] (no graph on the fused path)."""
+        if self.fused is not None:
+            return self._fused_for(x.device).forward(flat, x)
+        return self.batched.forward(flat, x)
 
     # -- pieces ---------------------------------------------------------------------------------
     def segments(self, device: torch.device) -> Tensor:
@@ -84,34 +139,61 @@ class Engine:
         return task_losses(pred, y, loss_fn), pred
 
     def support_grad(self, theta_k: Tensor, x: Tensor, y: Tensor, loss_fn, create_graph: bool):
-        """(g_k [T, P], L_S [T], the leaf theta_k the graph hangs from): the per-task support
-        gradients at theta_k, for all tasks by one backward of the summed per-task losses."""
+        """(g_k [T, P], L_S [T], state): the per-task support gradients at theta_k for all tasks;
+        ``state`` (when ``create_graph``) is what ``hvp`` needs: the fused path's stored passes, or
+        the generic path's graph (g with its graph, and the leaf theta_k it hangs from)."""
+        if self.uses_fused(loss_fn):
+            r = self._fused_for(x.device).grad(theta_k.detach(), x, y, keep=create_graph)
+            return r.grad, r.losses, r.state
         T = x.shape[0]
         leaf = theta_k.detach().expand(T, -1).clone().requires_grad_(True) if theta_k.dim() == 1 \
             else theta_k.detach().requires_grad_(True)
         losses, _ = self._losses(leaf, x, y, loss_fn)
         (g,) = torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph)
-        return g, losses, leaf
+        return (g.detach() if not create_graph else g), losses, ((g, leaf) if create_graph else None)
+
+    def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str]):
+        """(H_S u [T, P], per shared parameter: sum_t d/dphi <g_t, u_t> or None)."""
+        if isinstance(state, FusedState):
+            hv, terms = self.fused.hvp(state, u, shared=bool(shared_list))
+            return hv, [terms.get(n) for n in shared_names]
+        g, leaf = state
+        grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
+        return grads[0], list(grads[1:])
 
     def forward_steps(self, theta_start: Tensor, k0: int, k1: int, x, y, loss_fn, lr, ops,
-                      keep_last_graph: bool, support_losses: Optional[Tensor]):
-        """Run inner steps k0..k1-1 from theta_{k0}; returns the iterates theta_{k0}..theta_{k1}
-        and, when asked, the graph of step k1-1's gradient (so its HVP needs no recomputation)."""
-        iterates = [theta_start]
-        kept = None
+                      keep_states: Union[bool, str], support_losses: Optional[Tensor],
+                      query_examples: int = 0):
+        """Run inner steps k0..k1-1 from theta_{k0}. Returns the iterates theta_{k0}..theta_{k1}, the
+        support gradients g_{k0}..g_{k1-1}, and ``kept``: step -> the HVP state of that step.
+
+        ``keep_states``: False (none), 'last' (step k1-1: its HVP needs no recomputation) or 'budget'
+        (fused path: the last step, and earlier ones while their activations total at most
+        STORE_FRACTION of the query pass's, estimated from ``query_examples``)."""
+        iterates, grads, kept = [theta_start], [], {}
         theta = theta_start
+        budget, used = None, 0
         for k in range(k0, k1):
-            keep = keep_last_graph and k == k1 - 1
+            keep = keep_states == "last" and k == k1 - 1 or keep_states == "budget"
             with record_function("fastmaml.support_grad"):
-                g, losses, leaf = self.support_grad(theta, x, y, loss_fn, create_graph=keep)
+                g, losses, state = self.support_grad(theta, x, y, loss_fn, create_graph=bool(keep))
             if support_losses is not None:
                 support_losses[k] = losses.detach()
             if keep:
-                kept = (g, leaf)
+                if keep_states == "budget" and k < k1 - 1:
+                    if budget is None:
+                        budget = STORE_FRACTION * state.nbytes * query_examples / x.shape[1]
+                    used += state.nbytes
+                    if used <= budget:
+                        kept[k] = state
+                else:
+                    kept[k] = state
+            g = g.detach()
+            grads.append(g)
             rate, seg = self._rate(k, lr, theta.device)
-            theta = ops.inner_update(theta, g.detach(), rate, seg)
+            theta = ops.inner_update(theta, g, rate, seg)
             iterates.append(theta)
-        return iterates, kept
+        return iterates, grads, kept
 
     # -- the meta-gradient -----------------------------------------------------------------------
     def meta_gradient(
@@ -134,25 +216,31 @@ class Engine:
         ops = kernels.ops_for(theta0, self.kernel_backend)
         lr = self.inner_lr.lr.detach().to(dtype)
         shared = self.shared_params()
+        shared_names = list(shared.keys())
         shared_list = list(shared.values())
         shared_grads = [torch.zeros_like(p) for p in shared_list]
         learn_lr = self.inner_lr.learnable
         lr_grad = torch.zeros_like(lr) if learn_lr else None
         support_losses = torch.full((K, T), float("nan"), dtype=dtype, device=device)
         query_all = torch.full((K + 1, T), float("nan"), dtype=dtype, device=device)
+        fused = self.uses_fused(loss_fn)
 
         # Forward: the iterates (all of them, or checkpoints every c steps).
         c = K if memory == "store" else max(1, math.ceil(math.sqrt(K)))
         checkpoints: List[Tensor] = [theta0]
-        kept = None
+        stored_grads: List[Tensor] = []
+        kept: Dict[int, object] = {}
         theta = theta0
         for k0 in range(0, K, c):
             k1 = min(K, k0 + c)
-            its, kept = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
-                                           keep_last_graph=(not first_order and k1 == K),
-                                           support_losses=support_losses)
+            last = not first_order and k1 == K
+            policy = ("budget" if fused and memory == "store" else "last") if last else False
+            its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
+                                                    keep_states=policy, support_losses=support_losses,
+                                                    query_examples=query_x.shape[1])
+            kept.update(kept_here)
             if memory == "store":
-                checkpoints = its[:-1]
+                checkpoints, stored_grads = its[:-1], gs
             elif k1 < K:
                 checkpoints.append(its[-1])
             theta = its[-1]
@@ -161,10 +249,19 @@ class Engine:
         @record_function("fastmaml.query_grad")
         def query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
             """(w_k / T) grad L_Q at theta_k for the adapted and the shared parameters."""
+            scale = weights[k - 1] / T
+            if fused:
+                r = self._fused_for(query_x.device).grad(theta_k.detach(), query_x, query_y, scale=scale,
+                                                         shared=bool(shared_list))
+                query_all[k] = r.losses
+                for acc, name in zip(shared_grads, shared_names):
+                    if name in r.shared:
+                        acc.add_(r.shared[name])
+                return r.grad, r.pred
             leaf = theta_k.detach().requires_grad_(True)
             losses, pred = self._losses(leaf, query_x, query_y, loss_fn)
             query_all[k] = losses.detach()
-            grads = torch.autograd.grad(losses.sum() * (weights[k - 1] / T), [leaf] + shared_list, allow_unused=True)
+            grads = torch.autograd.grad(losses.sum() * scale, [leaf] + shared_list, allow_unused=True)
             for acc, gp in zip(shared_grads, grads[1:]):
                 if gp is not None:
                     acc.add_(gp)
@@ -177,31 +274,30 @@ class Engine:
         for k0 in reversed(range(0, K, c)):
             k1 = min(K, k0 + c)
             if memory == "store":
-                its = checkpoints
+                its, gs = checkpoints, stored_grads
             else:
-                its, _ = self.forward_steps(checkpoints[k0 // c], k0, k1, support_x, support_y, loss_fn,
-                                            lr, ops, keep_last_graph=False, support_losses=None)
+                its, gs, _ = self.forward_steps(checkpoints[k0 // c], k0, k1, support_x, support_y, loss_fn,
+                                                lr, ops, keep_states=False, support_losses=None)
             for k in reversed(range(k0, k1)):
                 theta_k = its[k - k0]
                 rate, seg = self._rate(k, lr, device)
                 hv = g = None
                 if not first_order:
-                    if kept is not None and k == K - 1:
-                        g, leaf = kept
-                        kept = None
-                    else:
+                    state = kept.pop(k, None)
+                    g = gs[k - k0]
+                    if state is None:
                         with record_function("fastmaml.support_grad"):
-                            g, _, leaf = self.support_grad(theta_k, support_x, support_y, loss_fn, create_graph=True)
+                            g, _, state = self.support_grad(theta_k, support_x, support_y, loss_fn, create_graph=True)
                     u = ops.scale(v, rate, seg)
                     with record_function("fastmaml.hvp"):
-                        grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
-                    hv = grads[0]
-                    for acc, gp in zip(shared_grads, grads[1:]):
+                        hv, terms = self.hvp(state, u, shared_list, shared_names)
+                    del state
+                    for acc, gp in zip(shared_grads, terms):
                         if gp is not None:
                             acc.sub_(gp)
                     g = g.detach()
                 elif learn_lr:
-                    g, _, _ = self.support_grad(theta_k, support_x, support_y, loss_fn, create_graph=False)
+                    g = gs[k - k0]
                 gq = None
                 if k >= 1 and weights[k - 1] != 0.0:
                     gq, _ = query_grad(theta_k, k)
@@ -234,8 +330,8 @@ class Engine:
         lr = self.inner_lr.lr.detach().to(theta0.dtype)
         losses = torch.full((steps, support_x.shape[0]), float("nan"), dtype=theta0.dtype, device=theta0.device)
         with torch.enable_grad():
-            its, _ = self.forward_steps(theta0, 0, steps, support_x, support_y, loss_fn, lr, ops,
-                                        keep_last_graph=False, support_losses=losses)
+            its, _, _ = self.forward_steps(theta0, 0, steps, support_x, support_y, loss_fn, lr, ops,
+                                           keep_states=False, support_losses=losses)
         theta = its[-1]
         if theta.dim() == 1:
             theta = theta.expand(support_x.shape[0], -1)

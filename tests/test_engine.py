@@ -246,7 +246,7 @@ def test_both_batching_strategies_match_reference(batching, feature, K, adapt_bn
 
 
 def test_unknown_batching_is_refused():
-    with pytest.raises(ValueError, match=r"batching must be one of auto, vmap, loop"):
+    with pytest.raises(ValueError, match=r"batching must be one of auto, fused, vmap, loop"):
         fastmaml.MAML(mlp(), batching="grouped")
 
 

@@ -1,0 +1,114 @@
+"""Task-batched layer kernels and the fused path that runs supported models with them.
+
+:mod:`.reference` holds every layer kernel in plain PyTorch (the oracle of the others);
+:mod:`.cpp` the C++ CPU kernels (``csrc/layers.cpp``: tasks spread over cores, fused BatchNorm +
+activation + max-pool loops); :mod:`fastmaml.triton.layers` the Triton GPU kernels (fused BatchNorm
++ activation + max-pool, and a direct kernel for one-input-channel convolutions); convolutions on
+the GPU stay on cuDNN (one grouped convolution for all tasks). :mod:`.program` decides which models
+the fused path runs; :mod:`.runner` runs them (forward, backward, R-operator HVP).
+
+``layer_kernels(device, backend)`` picks the implementation of the six swappable kernels
+(``conv2d_forward``, ``conv2d_backward``, ``bn_act_pool_{forward,backward,rforward,rbackward}``):
+
+=========  ====================================================================================
+backend    layer kernels
+=========  ====================================================================================
+auto       CPU: cpp when the extension is built, else torch; CUDA: triton when importable, else torch
+torch      :mod:`fastmaml.layers.reference`
+cpp        :mod:`fastmaml.layers.cpp` (CPU tensors)
+triton     :mod:`fastmaml.triton.layers` for BatchNorm blocks and 1-channel convolutions, torch else
+cuda       the fused ops' CUDA backend has no layer kernels: as ``auto`` on a CUDA device
+=========  ====================================================================================
+
+A backend asked for by name that cannot run raises an error that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from . import reference
+
+SWAPPABLE = ("conv2d_forward", "conv2d_backward", "bn_act_pool_forward", "bn_act_pool_backward",
+             "bn_act_pool_rforward", "bn_act_pool_rbackward")
+
+
+def _namespace(name: str, **impls) -> SimpleNamespace:
+    ns = SimpleNamespace(name=name)
+    for fn in SWAPPABLE:
+        setattr(ns, fn, impls.get(fn, getattr(reference, fn)))
+    return ns
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp():
+    try:
+        from . import cpp
+    except ImportError as e:  # the module itself is missing (an older checkout)
+        return None, f"fastmaml.layers.cpp is not importable ({e})"
+    if not getattr(cpp, "AVAILABLE", False):
+        return None, getattr(cpp, "REASON", "the C++ layer kernels are not built")
+    return _namespace("cpp", **{fn: getattr(cpp, fn) for fn in SWAPPABLE}), ""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        from ..triton import layers as tl_layers
+    except ImportError as e:
+        return None, f"the Triton layer kernels are not importable ({e})"
+    impls = {fn: getattr(tl_layers, fn) for fn in SWAPPABLE[2:] if hasattr(tl_layers, fn)}
+    fwd1, wgrad1 = getattr(tl_layers, "conv2d_cin1_forward", None), getattr(tl_layers, "conv2d_cin1_weight_grad", None)
+    if fwd1 is not None and wgrad1 is not None:
+        impls["conv2d_forward"] = _cin1_forward(fwd1)
+        impls["conv2d_backward"] = _cin1_backward(wgrad1)
+    return _namespace("triton", **impls), ""
+
+
+def _cin1_forward(direct):
+    def conv2d_forward(x, w, b, stride, padding):
+        if x.shape[2] == 1 and w.shape[-1] == 3 and padding == 1:
+            return direct(x, w, b, stride, padding)
+        return reference.conv2d_forward(x, w, b, stride, padding)
+    return conv2d_forward
+
+
+def _cin1_backward(wgrad):
+    def conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias):
+        if x.shape[2] == 1 and w.shape[-1] == 3 and padding == 1 and not need_dx and need_dw:
+            db = dy.sum(dim=(1, 3, 4)) if need_bias else None
+            return None, wgrad(dy, x, stride, padding), db
+        return reference.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
+    return conv2d_backward
+
+
+TORCH = _namespace("torch")
+
+
+def layer_kernels(device: torch.device, backend: Optional[str] = "auto") -> SimpleNamespace:
+    backend = backend or "auto"
+    if backend == "torch":
+        return TORCH
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"layer kernels 'cpp' run on CPU tensors, the model is on {device}")
+        ns, why = _cpp()
+        if ns is None:
+            raise RuntimeError(f"layer kernels 'cpp' are not available: {why}")
+        return ns
+    if backend == "triton":
+        ns, why = _triton()
+        if ns is None:
+            raise RuntimeError(f"layer kernels 'triton' are not available: {why}")
+        return ns
+    if device.type == "cpu":
+        ns, _ = _cpp()
+        return ns or TORCH
+    if device.type == "cuda":
+        ns, _ = _triton()
+        return ns or TORCH
+    return TORCH

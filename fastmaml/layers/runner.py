@@ -1,0 +1,365 @@
+"""The fused path: a compiled model's forward, backward and Hessian-vector product for all T tasks.
+
+For per-task weights ``theta`` [T, P] (the adapted parameters in the flat layout; the others are
+shared by all tasks) and inputs x [T, N, ...], ``FusedModel`` computes with the task-batched layer
+kernels of :mod:`fastmaml.layers` and no autograd:
+
+* ``grad``: the per-task losses L_t, the per-task gradients dL_t/dtheta_t [T, P] and, when asked,
+  the gradients of the shared parameters (summed over tasks); optionally the state the HVP needs.
+* ``hvp``: for a direction u [T, P], ``H_t u_t = R{dL_t/dtheta_t}`` [T, P] and, for the shared
+  parameters phi, ``sum_t R{dL_t/dphi}`` = d/dphi sum_t <grad_theta L_t, u_t> (engine.md section 2),
+  by Pearlmutter's R-operator: one R-forward and one R-backward over the stored forward/backward.
+
+The loss is the engine's default: cross-entropy (int64 labels [T, N]) or mean squared error (float
+targets shaped like the predictions), each a mean over one task's examples, seeded with ``scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import FlatLayout
+from . import reference as R
+from .program import Act, BatchNormBlock, Conv, Flatten, GlobalMean, Linear, MaxPool, Node, params_of
+
+
+@dataclass
+class FusedState:
+    """What the HVP needs from one forward and backward: per node, its inputs and its incoming
+    gradient; and the loss's own second-order quantities."""
+
+    theta: Tensor
+    params: Dict[str, Tensor]
+    saved: List[dict]
+    loss_kind: str
+    loss_saved: Tensor   # softmax probabilities (CE) or predictions (MSE)
+    scale: float
+    nbytes: int = 0
+
+
+@dataclass
+class GradResult:
+    losses: Tensor                  # [T]
+    grad: Tensor                    # [T, P]
+    shared: Dict[str, Tensor]       # name -> gradient summed over tasks (when asked)
+    pred: Tensor                    # [T, N, ...]
+    state: Optional[FusedState] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _to5(t: Tensor) -> Tensor:
+    """BatchNorm input [T, N, C] / [T, N, C, L] / [T, N, C, H, W] as [T, N, C, H, W]."""
+    while t.dim() < 5:
+        t = t.unsqueeze(-1)
+    return t
+
+
+class FusedModel:
+    """Runs a compiled model (``nodes``) for all tasks with per-task adapted weights."""
+
+    def __init__(self, model: nn.Module, layout: FlatLayout, nodes: List[Node], kernels) -> None:
+        self.model = model
+        self.layout = layout
+        self.nodes = nodes
+        self.kernels = kernels
+        self.adapted = set(layout.names)
+        # a node needs dL/dx when some node before it has a parameter with a gradient
+        self._need_dx = []
+        seen = False
+        for node in nodes:
+            self._need_dx.append(seen)
+            seen = seen or bool(params_of(node))
+
+    # -- parameters ------------------------------------------------------------------------------
+    def params(self, theta: Tensor) -> Dict[str, Tensor]:
+        """name -> [T, *shape]: views of ``theta`` for adapted parameters, the model's own tensor
+        (expanded over tasks) for the others."""
+        T = theta.shape[0]
+        out = dict(self.layout.views(theta))
+        for name, p in self.model.named_parameters():
+            if name not in out:
+                out[name] = p.detach().expand(T, *p.shape)
+        return out
+
+    def _direction(self, u: Tensor) -> Dict[str, Tensor]:
+        return dict(self.layout.views(u))
+
+    def _wants(self, name: Optional[str], shared: bool) -> bool:
+        """Is the gradient of parameter ``name`` needed: adapted ones always, shared trainable
+        ones when ``shared``."""
+        if name is None:
+            return False
+        if name in self.adapted:
+            return True
+        return shared and self._trainable(name)
+
+    def _trainable(self, name: str) -> bool:
+        if not hasattr(self, "_trainable_names"):
+            self._trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return name in self._trainable_names
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _forward(self, params: Dict[str, Tensor], x: Tensor, save: bool) -> Tuple[Tensor, List[dict]]:
+        K = self.kernels
+        saved: List[dict] = []
+        h = x
+        for node in self.nodes:
+            s: dict = {}
+            if isinstance(node, Conv):
+                s["x"] = h
+                b = params[node.bias] if node.bias else None
+                h = K.conv2d_forward(h, params[node.weight], b, node.stride, node.padding)
+                s["yshape"] = h.shape
+            elif isinstance(node, BatchNormBlock):
+                z = _to5(h)
+                gamma, beta = self._bn_affine(node, params, z)
+                out, mean, rstd, idx = K.bn_act_pool_forward(z, gamma, beta, node.eps, node.slope, node.pool)
+                s.update(z=z, shape=h.shape, mean=mean, rstd=rstd, idx=idx, gamma=gamma, beta=beta)
+                h = out if node.pool else out.view(h.shape)
+            elif isinstance(node, Act):
+                s["x"] = h
+                h = R.act_forward(h, node.slope)
+            elif isinstance(node, MaxPool):
+                s["shape"] = h.shape
+                h, s["idx"] = R.maxpool_forward(h)
+            elif isinstance(node, GlobalMean):
+                s["shape"] = h.shape
+                h = R.global_mean_forward(h)
+                if node.keepdim:
+                    h = h[..., None, None]
+            elif isinstance(node, Flatten):
+                s["shape"] = h.shape
+                h = h.reshape(h.shape[0], h.shape[1], -1)
+            elif isinstance(node, Linear):
+                s["x"] = h
+                b = params[node.bias] if node.bias else None
+                h = R.linear_forward(h, params[node.weight], b)
+            saved.append(s if save else {})
+        return h, saved
+
+    @staticmethod
+    def _bn_affine(node: BatchNormBlock, params: Dict[str, Tensor], z: Tensor) -> Tuple[Tensor, Tensor]:
+        if node.weight is None:
+            T, C = z.shape[0], z.shape[2]
+            return (torch.ones(T, C, dtype=z.dtype, device=z.device), torch.zeros(T, C, dtype=z.dtype, device=z.device))
+        return params[node.weight].contiguous(), params[node.bias].contiguous()
+
+    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
+        """The outputs [T, N, ...] of every task's model (``flat`` [P] or [T, P])."""
+        if flat.dim() == 1:
+            flat = flat.expand(x.shape[0], -1)
+        with torch.no_grad():
+            return self._forward(self.params(flat), x, save=False)[0]
+
+    # -- loss ------------------------------------------------------------------------------------
+    @staticmethod
+    def _loss(pred: Tensor, y: Tensor, scale: float) -> Tuple[str, Tensor, Tensor, Tensor]:
+        """(kind, losses [T], dL/dpred, what the loss's R-rule needs)."""
+        if y.is_floating_point():
+            if y.shape != pred.shape:
+                raise ValueError(f"regression targets must have the predictions' shape {list(pred.shape)}, "
+                                 f"got {list(y.shape)}")
+            losses, d = R.mse_forward_backward(pred, y, scale)
+            return "mse", losses, d, pred
+        if pred.dim() != 3 or y.shape != pred.shape[:2]:
+            raise ValueError(f"class labels must be [T, N] = {list(pred.shape[:2])} for predictions "
+                             f"{list(pred.shape)}, got {list(y.shape)}")
+        losses, d, p = R.cross_entropy_forward_backward(pred, y, scale)
+        return "ce", losses, d, p
+
+    # -- backward --------------------------------------------------------------------------------
+    def grad(self, theta: Tensor, x: Tensor, y: Tensor, scale: float = 1.0, shared: bool = False,
+             keep: bool = False) -> GradResult:
+        """Forward and backward for all tasks; ``scale`` seeds dL_t (the engine's w_k / T)."""
+        T = x.shape[0]
+        if theta.dim() == 1:
+            theta = theta.expand(T, -1)
+        params = self.params(theta)
+        pred, saved = self._forward(params, x, save=True)
+        kind, losses, d, loss_saved = self._loss(pred, y, scale)
+        g = torch.empty(T, self.layout.numel, dtype=theta.dtype, device=theta.device)
+        gviews = self.layout.views(g)
+        shared_grads: Dict[str, Tensor] = {}
+
+        def put(name: Optional[str], value: Optional[Tensor]) -> None:
+            if name is None or value is None:
+                return
+            if name in self.adapted:
+                gviews[name].copy_(value)
+            elif shared and self._trainable(name):
+                shared_grads[name] = value.sum(0)
+
+        K = self.kernels
+        for i in reversed(range(len(self.nodes))):
+            node, s, need_dx = self.nodes[i], saved[i], self._need_dx[i]
+            s["d"] = d
+            if isinstance(node, Conv):
+                w = params[node.weight]
+                want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
+                dx, dw, db = K.conv2d_backward(d, s["x"], w, node.stride, node.padding, need_dx, want_w, want_b)
+                put(node.weight if want_w else None, dw)
+                put(node.bias if want_b else None, db)
+                d = dx
+            elif isinstance(node, BatchNormBlock):
+                dout = d if node.pool else _to5(d)
+                dz, dgamma, dbeta = K.bn_act_pool_backward(dout, s["z"], s["mean"], s["rstd"], s["gamma"], s["beta"],
+                                                           s["idx"], node.slope, node.pool)
+                s["dout"] = dout
+                if self._wants(node.weight, shared):
+                    put(node.weight, dgamma)
+                    put(node.bias, dbeta)
+                d = dz.view(s["shape"])
+            elif isinstance(node, Act):
+                d = R.act_backward(d, s["x"], node.slope)
+            elif isinstance(node, MaxPool):
+                d = R.maxpool_scatter(d, s["idx"], s["shape"][-2], s["shape"][-1])
+            elif isinstance(node, GlobalMean):
+                d = R.global_mean_backward(d.reshape(s["shape"][:3]), s["shape"][-2], s["shape"][-1])
+            elif isinstance(node, Flatten):
+                d = d.reshape(s["shape"])
+            elif isinstance(node, Linear):
+                want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
+                dx, dw, db = R.linear_backward(d, s["x"], params[node.weight], need_dx, want_b)
+                put(node.weight if want_w else None, dw)
+                put(node.bias if want_b else None, db)
+                d = dx
+            if not need_dx:
+                break
+        state = None
+        if keep:
+            state = FusedState(theta, params, saved, kind, loss_saved, scale)
+            state.nbytes = _nbytes(saved)
+        return GradResult(losses, g, shared_grads, pred, state)
+
+    # -- Hessian-vector product ------------------------------------------------------------------
+    def hvp(self, state: FusedState, u: Tensor, shared: bool = True) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """(H u [T, P], name -> sum over tasks of R{dL_t/dphi} for the shared trainable parameters)."""
+        K = self.kernels
+        params, saved = state.params, state.saved
+        U = self._direction(u)
+        T = u.shape[0]
+
+        # R-forward: r is R{h}; None is an exact zero (the input has none).
+        r: Optional[Tensor] = None
+        for node, s in zip(self.nodes, saved):
+            if isinstance(node, Conv):
+                s["rx"] = r
+                uw, ub = U.get(node.weight), (U.get(node.bias) if node.bias else None)
+                w = params[node.weight]
+                rz = None if r is None else K.conv2d_forward(r, w, None, node.stride, node.padding)
+                if uw is not None:
+                    t = K.conv2d_forward(s["x"], uw, None, node.stride, node.padding)
+                    rz = t if rz is None else rz + t
+                if ub is not None:
+                    ubv = ub[:, None, :, None, None]
+                    rz = ubv.expand(s["yshape"]) if rz is None else rz + ubv
+                r = rz
+            elif isinstance(node, BatchNormBlock):
+                rz = None if r is None else _to5(r).contiguous()
+                ug = U.get(node.weight) if node.weight else None
+                ub = U.get(node.bias) if node.bias else None
+                if rz is None and ug is None and ub is None:
+                    s["rz"] = None
+                    s["rmean"] = s["q"] = None
+                    r = None
+                    continue
+                rout, rmean, q = K.bn_act_pool_rforward(rz, s["z"], s["mean"], s["rstd"], s["gamma"], s["beta"],
+                                                        ug, ub, s["idx"], node.slope, node.pool)
+                s.update(rz=rz, rmean=rmean, q=q)
+                r = rout if node.pool else rout.view(s["shape"])
+            elif isinstance(node, Act):
+                r = None if r is None else R.act_backward(r, s["x"], node.slope)
+            elif isinstance(node, MaxPool):
+                r = None if r is None else R.maxpool_gather(r, s["idx"])
+            elif isinstance(node, GlobalMean):
+                if r is not None:
+                    r = R.global_mean_forward(r)
+                    if node.keepdim:
+                        r = r[..., None, None]
+            elif isinstance(node, Flatten):
+                r = None if r is None else r.reshape(r.shape[0], r.shape[1], -1)
+            elif isinstance(node, Linear):
+                s["rx"] = r
+                uw, ub = U.get(node.weight), (U.get(node.bias) if node.bias else None)
+                r = R.linear_rforward(s["x"], r, params[node.weight], uw, ub)
+
+        rd = (R.cross_entropy_rbackward(state.loss_saved, r, state.scale) if state.loss_kind == "ce"
+              else R.mse_rbackward(state.loss_saved, r, state.scale))
+
+        hv = torch.zeros_like(u)
+        hviews = self.layout.views(hv)
+        shared_terms: Dict[str, Tensor] = {}
+
+        def put(name: Optional[str], value: Optional[Tensor]) -> None:
+            if name is None or value is None:
+                return
+            if name in self.adapted:
+                hviews[name].copy_(value)
+            elif shared and self._trainable(name):
+                shared_terms[name] = value.sum(0)
+
+        for i in reversed(range(len(self.nodes))):
+            node, s, need_dx = self.nodes[i], saved[i], self._need_dx[i]
+            if isinstance(node, Conv):
+                w, dy = params[node.weight], s["d"]
+                uw = U.get(node.weight)
+                want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
+                rdx = rdw = rdb = None
+                if rd is not None:
+                    rdx, rdw, rdb = K.conv2d_backward(rd, s["x"], w, node.stride, node.padding, need_dx, want_w, want_b)
+                if need_dx and uw is not None:
+                    t = K.conv2d_backward(dy, s["x"], uw, node.stride, node.padding, True, False, False)[0]
+                    rdx = t if rdx is None else rdx + t
+                if want_w and s["rx"] is not None:
+                    t = K.conv2d_backward(dy, s["rx"], w, node.stride, node.padding, False, True, False)[1]
+                    rdw = t if rdw is None else rdw + t
+                put(node.weight if want_w else None, rdw)
+                put(node.bias if want_b else None, rdb)
+                rd = rdx
+            elif isinstance(node, BatchNormBlock):
+                ug = U.get(node.weight) if node.weight else None
+                if s["rmean"] is None:  # nothing moved up to here: R{z} = 0 and no direction
+                    rmean = q = torch.zeros_like(s["mean"])
+                else:
+                    rmean, q = s["rmean"], s["q"]
+                rdout = None if rd is None else (rd if node.pool else _to5(rd))
+                rdz, rdgamma, rdbeta = K.bn_act_pool_rbackward(
+                    s["dout"], rdout, s["z"], s["rz"], s["mean"], s["rstd"], rmean, q, s["gamma"], s["beta"], ug,
+                    s["idx"], node.slope, node.pool)
+                if self._wants(node.weight, shared):
+                    put(node.weight, rdgamma)
+                    put(node.bias, rdbeta)
+                rd = rdz.view(s["shape"])
+            elif isinstance(node, Act):
+                rd = None if rd is None else R.act_backward(rd, s["x"], node.slope)
+            elif isinstance(node, MaxPool):
+                rd = None if rd is None else R.maxpool_scatter(rd, s["idx"], s["shape"][-2], s["shape"][-1])
+            elif isinstance(node, GlobalMean):
+                rd = None if rd is None else R.global_mean_backward(rd.reshape(s["shape"][:3]), s["shape"][-2],
+                                                                     s["shape"][-1])
+            elif isinstance(node, Flatten):
+                rd = None if rd is None else rd.reshape(s["shape"])
+            elif isinstance(node, Linear):
+                want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
+                rdx, rdw, rdb = R.linear_rbackward(s["d"], rd, s["x"], s["rx"], params[node.weight],
+                                                   U.get(node.weight), need_dx, want_b)
+                put(node.weight if want_w else None, rdw)
+                put(node.bias if want_b else None, rdb)
+                rd = rdx
+            if not need_dx:
+                break
+        return hv, shared_terms
+
+
+def _nbytes(saved: List[dict]) -> int:
+    seen, total = set(), 0
+    for s in saved:
+        for v in s.values():
+            if isinstance(v, Tensor) and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                total += v.numel() * v.element_size()
+    return total

@@ -1,0 +1,264 @@
+"""The fused path (task-batched layer kernels, HVP by the R-operator) against the per-task oracle.
+
+``backend="reference"`` is a literal per-task loop of the paper's Algorithm 2 over autograd (through
+the unrolled graph); the fused path shares none of its computation. float64, whole-gradient relative
+error over every model parameter and the learnable rates together, <= 1e-10 (seen: about 1e-15).
+Rates start random and non-uniform, so an indexing bug across steps, layers or elements shows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmaml
+from fastmaml.layers import layer_kernels
+from fastmaml.models import Conv4
+
+from helpers import classification_batch, regression_batch
+
+TOL = 1e-10
+DT = torch.float64
+
+
+def conv_bn_pool(hidden=4, ways=3):
+    return nn.Sequential(
+        nn.Conv2d(1, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(hidden, hidden + 1, 3, padding=1), nn.BatchNorm2d(hidden + 1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear((hidden + 1) * 4, ways))
+
+
+def conv_stride_mean(ways=3):
+    # the paper code's Omniglot variant: stride-2 convolutions, then the mean over space
+    return Conv4(ways, hidden=5, max_pool=False, image_size=9)
+
+
+def conv4_pool(ways=3):
+    return Conv4(ways, hidden=4, image_size=9, blocks=2)
+
+
+def leaky_plain_bn(ways=3):
+    # LeakyReLU, BatchNorm without affine parameters, adaptive average pooling, standalone pool
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, ways))
+
+
+def mlp_bn(ways=3, side=9):
+    # the paper's no-convolution Omniglot network, small: Linear, BatchNorm1d, ReLU, ..., Linear
+    return nn.Sequential(nn.Flatten(), nn.Linear(side * side, 7), nn.BatchNorm1d(7), nn.ReLU(),
+                         nn.Linear(7, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, ways))
+
+
+def sine_mlp():
+    return fastmaml.models.mlp((9, 8))
+
+
+CLASSIFIERS = {"conv_bn_pool": conv_bn_pool, "conv_stride_mean": conv_stride_mean, "conv4_pool": conv4_pool,
+               "leaky_plain_bn": leaky_plain_bn, "mlp_bn": mlp_bn}
+
+
+def cls_batch(T=3, shots=2, queries=3, seed=0):
+    sx, sy, qx, qy = classification_batch(T, ways=3, shots=shots, queries=queries, size=9, seed=seed)
+    # shuffle the labels per task so that no two tasks are alike
+    g = torch.Generator().manual_seed(seed + 1)
+    for t in range(T):
+        sy[t] = sy[t][torch.randperm(sy.shape[1], generator=g)]
+        qy[t] = qy[t][torch.randperm(qy.shape[1], generator=g)]
+    return sx * 1.3 + 0.2, sy, qx * 0.7 - 0.1, qy
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def random_rates(learner: fastmaml.MAML, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lr = learner.inner_lr.lr
+    with torch.no_grad():
+        lr.copy_(0.05 + 0.25 * torch.rand(lr.shape, generator=g, dtype=lr.dtype))
+
+
+def meta_grads(model, batch, seed, **kw):
+    learner = fastmaml.MAML(copy.deepcopy(model), **kw)
+    if learner.inner_lr.learnable:
+        random_rates(learner, seed)
+    out = learner.meta_step(*batch)
+    grads = [p.grad for p in learner.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    return grads, out, learner
+
+
+def rel(a, b):
+    fa = torch.cat([x.flatten() for x in a])
+    fb = torch.cat([x.flatten() for x in b])
+    return float((fa - fb).norm() / fb.norm())
+
+
+def check(model, batch, seed=0, **kw):
+    ref, out_r, _ = meta_grads(model, batch, seed, backend="reference", **kw)
+    got, out_f, learner = meta_grads(model, batch, seed, batching="fused", **kw)
+    assert learner.execution_path.startswith("fused"), learner.execution_path
+    err = rel(got, ref)
+    assert err <= TOL, f"{err:.2e}"
+    assert torch.allclose(out_f.task_losses, out_r.task_losses, rtol=1e-12, atol=0)
+    return err
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+@pytest.mark.parametrize("K,first_order", [(1, False), (2, False), (1, True), (3, True)])
+def test_every_supported_layer_matches_reference(name, K, first_order):
+    model = randomize(CLASSIFIERS[name]().to(DT), 1)
+    check(model, cls_batch(), inner_steps=K, first_order=first_order, inner_lr=0.3)
+
+
+@pytest.mark.parametrize("name", ["conv_bn_pool", "mlp_bn", "conv_stride_mean"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_adapt_bn(name, K):
+    model = randomize(CLASSIFIERS[name]().to(DT), 2)
+    check(model, cls_batch(seed=3), inner_steps=K, adapt_bn=True, inner_lr=0.2)
+
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_step", "per_layer_per_step", "per_parameter"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learned_rates_every_mode(lr_mode, first_order):
+    model = randomize(conv_bn_pool().to(DT), 3)
+    check(model, cls_batch(seed=4), seed=5, inner_steps=3, learn_lr=True, lr_mode=lr_mode,
+          first_order=first_order)
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_multi_step_loss_and_memory_modes(memory, first_order):
+    model = randomize(mlp_bn().to(DT), 4)
+    check(model, cls_batch(seed=6), inner_steps=5, multi_step_weights=[0.1, 0.3, 0.0, 0.5, 1.0],
+          memory=memory, first_order=first_order, learn_lr=True, lr_mode="per_layer_per_step", seed=7)
+
+
+def test_store_mode_keeps_earlier_steps_when_the_query_set_is_large():
+    """Support 1 example per class, query 12: the store budget keeps several steps' activations,
+    so the reverse pass uses stored states for them (and recomputes the rest); exact either way."""
+    model = randomize(conv_bn_pool().to(DT), 5)
+    batch = cls_batch(T=2, shots=1, queries=12, seed=8)
+    check(model, batch, inner_steps=5, memory="store")
+    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=5, batching="fused")
+    kept_steps = []
+    real = learner.engine.forward_steps
+
+    def spy(*a, **k):
+        its, gs, kept = real(*a, **k)
+        kept_steps.extend(kept)
+        return its, gs, kept
+
+    learner.engine.forward_steps = spy
+    learner.meta_step(*batch)
+    assert 4 in kept_steps and 1 < len(kept_steps) < 5, kept_steps
+
+
+@pytest.mark.parametrize("adapt", [["4.weight", "4.bias", "9.weight", "9.bias"], ["9.weight", "9.bias"], ["0.bias", "9.bias"]])
+def test_adapted_subsets(adapt):
+    """ANIL (only the head), a middle layer and the head, biases only: the frozen part still gets
+    its meta-gradient through the inner loop (the mixed second derivative)."""
+    model = randomize(conv_bn_pool().to(DT), 6)
+    check(model, cls_batch(seed=9), inner_steps=2, adapt=adapt)
+
+
+def test_regression_mlp():
+    model = randomize(sine_mlp().to(DT), 7)
+    check(model, regression_batch(4, n_support=5, n_query=7, seed=3), inner_steps=3, inner_lr=0.05)
+
+
+def test_frozen_parameters_are_constants():
+    model = randomize(conv_bn_pool().to(DT), 8)
+    model[0].weight.requires_grad_(False)
+    check(model, cls_batch(seed=10), inner_steps=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_layer_kernel_backends_inside_the_engine(backend):
+    try:
+        layer_kernels(torch.device("cpu"), backend)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    model = randomize(conv_bn_pool().to(DT), 9)
+    batch = cls_batch(T=2, seed=11)
+    ref, _, _ = meta_grads(model, batch, 0, backend="reference", inner_steps=2)
+    got, _, learner = meta_grads(model, batch, 0, batching="fused", kernels=backend, inner_steps=2)
+    assert f"{backend} layer kernels" in learner.execution_path
+    assert rel(got, ref) <= TOL
+
+
+def test_float32_fused_path_is_as_close_as_the_float32_reference():
+    """In float32 both the fused path and the reference round; against the float64 oracle the fused
+    path must be no worse than 4x the float32 reference's own distance (and below 1e-4)."""
+    model = randomize(conv_bn_pool(), 10)
+    batch32 = cls_batch(T=4, seed=12)
+    batch32 = tuple(t.float() if t.is_floating_point() else t for t in batch32)
+    batch64 = tuple(t.double() if t.is_floating_point() else t for t in batch32)
+    oracle, _, _ = meta_grads(model.double(), batch64, 0, backend="reference", inner_steps=2)
+    model = model.float()
+    ref32, _, _ = meta_grads(model, batch32, 0, backend="reference", inner_steps=2)
+    got32, _, _ = meta_grads(model, batch32, 0, batching="fused", inner_steps=2)
+    err_ref = rel([g.double() for g in ref32], oracle)
+    err_fused = rel([g.double() for g in got32], oracle)
+    assert err_fused < max(4 * err_ref, 1e-6) and err_fused < 1e-4, (err_fused, err_ref)
+
+
+def test_adapt_and_predict_use_the_fused_path():
+    model = randomize(conv4_pool().to(DT), 11)
+    sx, sy, qx, qy = cls_batch(seed=13)
+    fused = fastmaml.MAML(copy.deepcopy(model), inner_steps=2, batching="fused")
+    generic = fastmaml.MAML(copy.deepcopy(model), inner_steps=2, batching="vmap")
+    assert generic.execution_path.startswith("generic (vmap)")
+    fa, ga = fused.adapt(sx, sy, steps=3), generic.adapt(sx, sy, steps=3)
+    assert rel([fa.flat], [ga.flat]) < 1e-13
+    assert rel([fused.predict(fa, qx)], [generic.predict(ga, qx)]) < 1e-13
+    ef, eg = fused.evaluate(sx, sy, qx, qy, steps=2), generic.evaluate(sx, sy, qx, qy, steps=2)
+    assert torch.allclose(ef.task_losses, eg.task_losses, rtol=1e-12, atol=0)
+
+
+# -- which path, and why --------------------------------------------------------------------------
+
+class OwnForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.lin(x) * 2
+
+
+@pytest.mark.parametrize("model,culprit", [
+    (nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)), "1 (Tanh)"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Dropout(0.0), nn.Flatten(), nn.Linear(8, 2)), "1 (Dropout)"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, dilation=2)), "0 (Conv2d)"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(3)), "1 (MaxPool2d)"),
+    (OwnForward(), "OwnForward"),
+])
+def test_fallback_names_the_module(model, culprit):
+    learner = fastmaml.MAML(model)
+    assert learner.execution_path.startswith("generic"), learner.execution_path
+    assert culprit in learner.execution_path
+    with pytest.raises(ValueError, match="batching='fused' cannot run this model"):
+        fastmaml.MAML(model, batching="fused")
+
+
+def test_custom_loss_takes_the_generic_path_and_says_so():
+    model = randomize(conv_bn_pool().to(DT), 12)
+    learner = fastmaml.MAML(model)
+    assert learner.execution_path.startswith("fused")
+    assert "loss_fn" in learner.engine.path(loss_fn=lambda p, y: (p - y).abs().mean())
+
+
+def test_conv4_and_paper_mlp_are_fused_by_default():
+    assert fastmaml.MAML(fastmaml.models.conv4(5)).execution_path.startswith("fused")
+    assert fastmaml.MAML(fastmaml.models.conv4(5, max_pool=False)).execution_path.startswith("fused")
+    assert fastmaml.MAML(fastmaml.models.mlp()).execution_path.startswith("fused")
