@@ -13,17 +13,29 @@ Writing (:func:`save`): ``torch.save`` into a temporary file in the same folder,
 ``os.replace`` onto the final name, fsync the folder. A crash at any point leaves either the previous
 checkpoint or the new one, never a mixture; a failed write removes its temporary file.
 
-Loading (:func:`load`): any failure to read (truncated, garbled, not a checkpoint, unsafe pickle)
-raises :class:`CheckpointError`; :func:`validate` checks the whole structure before anything of it is
-applied, so a bad checkpoint is never half loaded.
+With ``keep_previous=True`` (what training does) the checkpoint being replaced is kept as
+``checkpoint.prev.pt`` first (a hard link renamed into place, so ``checkpoint.pt`` exists at every
+moment).
+
+Loading (:func:`load`): the zip's CRC-32 of every member is verified first (``torch.load`` does not
+check it: a flipped byte inside tensor data would load silently); any failure to read (damaged,
+truncated, garbled, not a checkpoint, unsafe pickle) raises :class:`CheckpointError` naming the
+file; :func:`validate` then checks the whole structure, the RNG states (each one is tried on a
+scratch generator), the iteration's range and that every weight is finite, before anything of it is
+applied, so a bad checkpoint is never half loaded. :func:`load_latest` falls back to
+``checkpoint.prev.pt`` when the latest checkpoint is damaged, and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import random
+import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,6 +46,7 @@ from .fsutil import atomic_write
 FORMAT = "fastmaml-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
+PREV_FILENAME = "checkpoint.prev.pt"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -95,8 +108,46 @@ def atomic_write_bytes(path: PathLike, write) -> None:
         write(f)
 
 
-def save(path: PathLike, checkpoint: Mapping[str, Any]) -> None:
-    """Write ``checkpoint`` to ``path`` atomically (see the module docstring)."""
+def previous_path(path: PathLike) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.prev.pt`` beside it."""
+    path = Path(path)
+    if path.name == FILENAME:
+        return path.with_name(PREV_FILENAME)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def keep_as_previous(path: PathLike) -> None:
+    """Make ``previous_path(path)`` a copy of ``path`` atomically (a hard link renamed into place, or a
+    copy where links are not supported); ``path`` itself is not touched."""
+    path = Path(path)
+    prev = previous_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{prev.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while True:
+                    block = src.read(1 << 20)
+                    if not block:
+                        break
+                    dst.write(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, prev)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save(path: PathLike, checkpoint: Mapping[str, Any], keep_previous: bool = False) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (see the module docstring); with ``keep_previous``
+    the checkpoint it replaces becomes ``checkpoint.prev.pt`` first."""
+    if keep_previous and Path(path).is_file():
+        keep_as_previous(path)
     atomic_write_bytes(path, lambda f: torch.save(dict(checkpoint), f))
 
 
@@ -116,11 +167,26 @@ def remove_stale_temporaries(folder: PathLike, name: str = FILENAME) -> None:
 
 # -- loading and validation --------------------------------------------------------------------------
 
+def verify_integrity(path: PathLike) -> None:
+    """Check the CRC-32 of every member of the checkpoint's zip; :class:`CheckpointError` if one differs."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fastmaml checkpoint (not a readable zip: "
+                              f"{first[:200]}); it was not loaded") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the CRC of its member {bad} does not match "
+                              "(the file was damaged after it was written); it was not loaded")
+
+
 def load(path: PathLike) -> Dict[str, Any]:
     """Read and validate a checkpoint (on the CPU); :class:`CheckpointError` if it is unusable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    verify_integrity(path)
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, unsafe global, ...
@@ -129,6 +195,25 @@ def load(path: PathLike) -> Dict[str, Any]:
                               "it was not loaded") from None
     validate(ckpt, path)
     return ckpt
+
+
+def load_latest(path: PathLike) -> Tuple[Dict[str, Any], Path, Optional[str]]:
+    """(checkpoint, the file it came from, a note or None): ``path``, or when it is damaged or
+    missing the previous checkpoint ``checkpoint.prev.pt`` with a note saying so."""
+    path = Path(path)
+    try:
+        return load(path), path, None
+    except CheckpointError as e:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        try:
+            ckpt = load(prev)
+        except CheckpointError as e2:
+            raise CheckpointError(f"{e}; the previous checkpoint is unusable too: {e2}") from None
+        reason = str(e).replace(" it was not loaded", "").rstrip(";")
+        note = (f"{reason}; using the previous checkpoint {prev} (iteration {ckpt['iteration']}) instead")
+        return ckpt, prev, note
 
 
 def _need(cond: bool, path: PathLike, what: str) -> None:
@@ -144,7 +229,11 @@ def validate(ckpt: Any, path: PathLike = "<checkpoint>") -> None:
     for key, kind in (("iteration", int), ("config", dict), ("model", dict), ("inner_lr", dict),
                       ("optimizer", dict), ("rng", dict), ("progress", dict)):
         _need(isinstance(ckpt.get(key), kind), path, f"{key!r} missing or not a {kind.__name__}")
-    _need(ckpt["iteration"] >= 0, path, "negative iteration")
+    _need(not isinstance(ckpt["iteration"], bool) and ckpt["iteration"] >= 0, path, "negative iteration")
+    planned = ckpt["config"].get("iterations")
+    if isinstance(planned, int) and not isinstance(planned, bool):
+        _need(ckpt["iteration"] <= planned, path,
+              f"iteration {ckpt['iteration']} is beyond the run's {planned} iterations")
     _need(all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()), path, "model state holds non-tensors")
     _need(all(isinstance(v, torch.Tensor) for v in ckpt["inner_lr"].values()), path, "inner_lr state holds non-tensors")
     opt = ckpt["optimizer"]
@@ -167,7 +256,54 @@ def validate(ckpt: Any, path: PathLike = "<checkpoint>") -> None:
           and (py_state.get("gauss_next") is None or isinstance(py_state.get("gauss_next"), float)),
           path, "Python RNG state")
     _need(isinstance(rng.get("sampler"), dict), path, "sampler state")
-    _need(isinstance(rng.get("cuda", []), list), path, "CUDA RNG state")
+    cuda = rng.get("cuda", [])
+    _need(isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda),
+          path, "CUDA RNG state")
+    _check_rng_states(rng, path)
+    _need(math.isfinite(prog["elapsed"]) and prog["elapsed"] >= 0
+          and all(math.isfinite(window[k]) for k in ("loss", "accuracy", "count")), path,
+          "progress state holds non-finite or negative numbers")
+    for what in ("model", "inner_lr"):
+        for k, v in ckpt[what].items():
+            if v.is_floating_point() or v.is_complex():
+                _need(bool(torch.isfinite(v).all()), path, f"{what} tensor {k} holds NaN or Inf values")
+    for pid, entry in opt["state"].items():
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    _need(bool(torch.isfinite(v).all()), path, f"optimizer state {k} holds NaN or Inf values")
+
+
+def _check_rng_states(rng: Mapping[str, Any], path: PathLike) -> None:
+    """Each RNG state is set on a scratch generator: a state that would not restore is refused here,
+    before anything of the checkpoint is applied (the global generators are not touched)."""
+    try:
+        torch.Generator().set_state(rng["torch"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        _need(False, path, f"torch RNG state ({_short(e)})")
+    try:
+        np_state = rng["numpy"]
+        keys = np_state["keys"]
+        _need(keys.dtype == torch.int64 and bool(((keys >= 0) & (keys < 2**32)).all()), path,
+              "numpy RNG state (keys out of range)")
+        np.random.RandomState().set_state((np_state["name"], keys.numpy().astype(np.uint32), int(np_state["pos"]),
+                                           int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+        _need(0 <= int(np_state["pos"]) <= 624, path, "numpy RNG state (position out of range)")
+    except (KeyError, ValueError, TypeError, OverflowError, AttributeError) as e:
+        _need(False, path, f"numpy RNG state ({_short(e)})")
+    try:
+        py = rng["python"]
+        values = py["state"].tolist()
+        _need(all(0 <= v < 2**32 for v in values[:-1]) and 0 <= values[-1] <= 624, path,
+              "Python RNG state (values out of range)")
+        random.Random().setstate((int(py["version"]), tuple(int(v) for v in values), py["gauss_next"]))
+    except (KeyError, ValueError, TypeError, OverflowError, AttributeError) as e:
+        _need(False, path, f"Python RNG state ({_short(e)})")
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:120]
 
 
 def check_compatible(ckpt: Mapping[str, Any], model: torch.nn.Module, inner_lr: torch.nn.Module,

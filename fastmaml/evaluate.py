@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,7 +27,8 @@ import torch
 from . import checkpoint as ckpt_mod
 from . import configs
 from .configs import Config, UserError
-from .train import build_learner, fixed_episodes, make_dataset, resolve_device, set_threads, write_json
+from .train import (build_learner, check_writable, fixed_episodes, make_dataset, resolve_device, set_threads,
+                    write_json)
 
 COMMAND_HELP = "evaluate a trained run on fixed test episodes (mean and 95% CI); writes eval.json"
 
@@ -88,18 +90,21 @@ def run_episodes(learner, episodes, steps: int, classification: bool) -> Tuple[L
 # -- loading ---------------------------------------------------------------------------------------
 
 def load_run(path: str) -> Tuple[Dict[str, Any], Path, Path]:
-    """(checkpoint, run folder, checkpoint path) for a run folder or a checkpoint file."""
+    """(checkpoint, run folder, checkpoint path) for a run folder or a checkpoint file. A damaged
+    latest checkpoint falls back to ``checkpoint.prev.pt``, with a warning on stderr."""
     p = Path(path)
     if p.is_dir():
         ckpt_path = p / ckpt_mod.FILENAME
-        if not ckpt_path.exists():
+        if not ckpt_path.exists() and not ckpt_mod.previous_path(ckpt_path).exists():
             raise UserError(f"{p} holds no checkpoint ({ckpt_mod.FILENAME}); train it first with fastmaml train")
     elif p.exists():
         ckpt_path = p
     else:
         raise UserError(f"{p}: no such run folder or checkpoint")
-    ckpt = ckpt_mod.load(ckpt_path)
-    return ckpt, ckpt_path.parent, ckpt_path
+    ckpt, used, note = ckpt_mod.load_latest(ckpt_path)
+    if note is not None:
+        print(f"fastmaml: warning: {note}", file=sys.stderr)
+    return ckpt, ckpt_path.parent, used
 
 
 def config_of(ckpt: Dict[str, Any], path: Path) -> Config:
@@ -202,6 +207,8 @@ def main(args) -> int:
     device = resolve_device(args.device)
     set_threads(args.threads)
     ckpt, run_dir, ckpt_path = load_run(args.run)
+    check_writable(run_dir, "eval.json", "make the run folder writable, or copy the run to a writable folder "
+                   "and evaluate the copy")
     config, learner = restore_learner(ckpt, ckpt_path, device)
     episodes = args.episodes or config["eval_episodes"]
     steps = args.steps or config["test_steps"]

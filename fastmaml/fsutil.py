@@ -67,3 +67,126 @@ def remove_stale_parts(folder: Path, name: str, older_than_s: float = 3600.0) ->
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > older_than_s:
                     p.unlink()
+
+
+# -- writability and the run folder's lock -----------------------------------------------------------
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def writable_problem(folder: Path) -> "str | None":
+    """Why files cannot be created in ``folder`` (or in its nearest existing ancestor, where it is to be
+    created), or None when they can. Tried for real: a temporary file is created and removed, which
+    also catches read-only mounts and ACLs that permission bits do not show."""
+    target = nearest_existing(folder)
+    if not target.is_dir():
+        return f"{target} is not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".fastmaml-write-test.", suffix=".tmp", dir=target)
+    except OSError as e:
+        return f"{target} is not writable ({e.strerror or e})"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return None
+
+
+class LockHeld(Exception):
+    """Another live process holds the lock; ``pid`` is the owner's (None if unknown)."""
+
+    def __init__(self, path: Path, pid: "int | None"):
+        super().__init__(f"{path} is held by pid {pid}")
+        self.path = path
+        self.pid = pid
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """An advisory lock file holding its owner's pid (``<folder>/train.lock``).
+
+    Taken with ``flock`` where the OS has it (released by the kernel when the owner dies, however it
+    dies) and the owner's pid written into the file; without ``flock`` a lock file whose pid is not a
+    live process is stale and taken over. :meth:`acquire` raises :class:`LockHeld` when a live
+    process holds it; :meth:`release` removes the file."""
+
+    NAME = "train.lock"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.NAME
+        self._fd: "int | None" = None
+
+    def _read_pid(self) -> "int | None":
+        try:
+            text = self.path.read_text().strip().split()
+            return int(text[0]) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            fcntl = None
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        raise LockHeld(self.path, self._read_pid()) from None
+                    # the file may have been removed (released) between open and flock: retry then
+                    try:
+                        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                    except FileNotFoundError:
+                        same = False
+                    if not same:
+                        os.close(fd)
+                        continue
+                else:  # pragma: no cover
+                    pid = self._read_pid()
+                    if pid is not None and pid != os.getpid() and pid_alive(pid):
+                        raise LockHeld(self.path, pid)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            return self
+        raise LockHeld(self.path, self._read_pid())  # pragma: no cover
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if self._read_pid() == os.getpid():
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

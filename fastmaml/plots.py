@@ -83,15 +83,16 @@ def _errorbars(ax, rows, key, ci_key, label, scale=1.0):
                 label=f"{label} ({steps} steps, 95% CI)" if steps else label)
 
 
-def sinusoid_figure(run_dir: Path, path: Path, tasks: int, device: str) -> Optional[Path]:
-    """The paper's Figure 2 for ``tasks`` held-out tasks (needs the run's checkpoint)."""
+def sinusoid_figure(run_dir: Path, path: Path, tasks: int, device: str, loaded=None) -> Optional[Path]:
+    """The paper's Figure 2 for ``tasks`` held-out tasks (needs the run's checkpoint; ``loaded``:
+    what ``evaluate.load_run`` returned, if it was called already)."""
     import torch
 
     from . import data
     from .evaluate import load_run, restore_learner
     from .train import resolve_device
 
-    ckpt, _, ckpt_path = load_run(str(run_dir))
+    ckpt, _, ckpt_path = loaded if loaded is not None else load_run(str(run_dir))
     config, learner = restore_learner(ckpt, ckpt_path, resolve_device(device))
     dev = next(learner.model.parameters()).device
     ds = data.Sinusoid(shots=config["shots"], queries=1, device=dev, seed=config["eval_seed"] + 1000)
@@ -157,22 +158,34 @@ def mse_by_step(result: Dict[str, Any], path: Path) -> Path:
 
 
 def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
-    from .checkpoint import FILENAME
-    from .train import read_json, read_metrics
+    from .checkpoint import FILENAME, PREV_FILENAME
+    from .train import check_writable, read_json, read_metrics
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics_path = run_dir / "metrics.jsonl"
     config = read_json(run_dir / "config.json") or {}
-    if not metrics:
+    if not metrics_path.exists():
         raise UserError(f"{run_dir} holds no metrics (metrics.jsonl); train it first with fastmaml train")
+    metrics = read_metrics(metrics_path)
+    if not metrics:
+        every = config.get("log_every")
+        when = f" (log_every={every})" if every else ""
+        raise UserError(f"{metrics_path} has no metric lines yet: the run stopped before its first log line{when}; "
+                        "resume it (fastmaml train ... --resume) to go on")
     out_dir = run_dir / "plots"
+    check_writable(out_dir, "the plots", "make the run folder writable, or copy the run to a writable folder")
+    loaded = None
+    if config.get("dataset") == "sinusoid" and ((run_dir / FILENAME).exists() or (run_dir / PREV_FILENAME).exists()):
+        from .evaluate import load_run
+
+        loaded = load_run(str(run_dir))  # validated before anything is drawn
     out_dir.mkdir(exist_ok=True)
     name = config.get("config", run_dir.name)
     made = [learning_curves(metrics, name, out_dir / "learning_curves.png")]
     if config.get("dataset") == "sinusoid":
-        if (run_dir / FILENAME).exists():
-            made.append(sinusoid_figure(run_dir, out_dir / "sinusoid.png", max(1, tasks), device))
+        if loaded is not None:
+            made.append(sinusoid_figure(run_dir, out_dir / "sinusoid.png", max(1, tasks), device, loaded))
         result = read_json(run_dir / "eval.json")
         if result and "mse_by_step" in result:
             made.append(mse_by_step(result, out_dir / "mse_by_step.png"))

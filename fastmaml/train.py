@@ -7,7 +7,16 @@ The run folder (default ``runs/<config>``) holds:
   "tasks_per_s", "elapsed"}`` every ``log_every`` iterations (means over the iterations since the
   previous line) and ``{"split": "val", "iter", "loss", "loss_ci95", "accuracy", "accuracy_ci95",
   "steps", "episodes"}`` every ``val_every`` iterations (fixed validation episodes);
-* ``checkpoint.pt``: every ``checkpoint_every`` iterations and at the end (see :mod:`fastmaml.checkpoint`).
+* ``checkpoint.pt``: every ``checkpoint_every`` iterations and at the end (see :mod:`fastmaml.checkpoint`),
+  and ``checkpoint.prev.pt``, the one before it, which ``--resume``, ``eval`` and ``plot`` fall back to
+  (saying so) when the latest is damaged;
+* ``train.lock`` while a trainer runs: a second ``fastmaml train`` on the same folder is refused (the
+  lock holds the owner's pid; a lock left by a dead process is taken over).
+
+When training stops before its end (Ctrl-C, SIGTERM, a diverged loss), a last training line marked
+``"partial": true`` holds the means since the previous line (a resumed run drops it and goes on with
+the same window, so its metrics equal an uninterrupted run's). The printed resume command repeats the
+data folder, device, threads and ``--set`` of this run.
 
 Resuming (``--resume``) restores the model, the optimizer, the learnable inner learning rates, every
 RNG (torch, numpy, Python, the task sampler) and the metric accumulators, and drops the metric lines
@@ -25,6 +34,7 @@ import inspect
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -36,12 +46,12 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_mod
-from . import configs, models
+from . import configs, fsutil, models
 from .configs import Config, UserError
 
 COMMAND_HELP = "meta-train a config (writes RUN_DIR: config.json, metrics.jsonl, checkpoint.pt)"
 
-RUN_FILES = ("config.json", "metrics.jsonl", ckpt_mod.FILENAME, "eval.json")
+RUN_FILES = ("config.json", "metrics.jsonl", ckpt_mod.FILENAME, "eval.json", ckpt_mod.PREV_FILENAME)
 RUN_FOLDERS = ("plots",)
 
 
@@ -116,10 +126,6 @@ def build_learner(config: Config, device: torch.device):
     return learner, opt
 
 
-_HOW_TO_GET = ("point --data DIR at a folder that holds {name}/ (or the {name} folder itself) or set "
-               "FASTMAML_DATA=DIR")
-
-
 def make_dataset(config: Config, split: str, root: Optional[str], device: torch.device,
                  queries: Optional[int] = None, seed: Optional[int] = None):
     """The task sampler of ``config`` for ``split`` ('train', 'val', 'test')."""
@@ -147,14 +153,26 @@ def make_dataset(config: Config, split: str, root: Optional[str], device: torch.
                 kw["image_size"] = config["image_size"]
             return data.MiniImageNet(root, split=split, ways=config["ways"], shots=config["shots"], queries=queries,
                                      device=device, seed=seed, **kw)
-    except FileNotFoundError as e:
-        name = {"omniglot": "omniglot", "miniimagenet": "miniimagenet"}.get(dataset, dataset)
-        how = _HOW_TO_GET.format(name=name)
-        how += ", or pass --set download=true to fetch it" if "download" in config else " (it cannot be downloaded automatically)"
-        raise UserError(f"{dataset} data not found ({_first_line(e)}); to get it: {how}") from None
+    except data.DataNotFound as e:
+        where = " or ".join(e.places)
+        detail = f" ({e.detail})" if e.detail else ""
+        fix = (f"add --data DIR (the folder holding {dataset}/)"
+               + (" or --set download=true to fetch it" if dataset == "omniglot" and "download" in config
+                  else " (it is not downloaded automatically)"))
+        raise UserError(f"{dataset} data not found: no {e.expected} in {where}{detail}. Fix: {fix}") from None
+    except data.PackageFileMissing as e:
+        raise UserError(str(e)) from None
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load the {dataset} {split} data: {_first_line(e)}") from None
     raise UserError(f"unknown dataset {dataset!r}")
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """A one-line :class:`UserError` when files cannot be created in ``folder`` (checked for real,
+    before any work is done)."""
+    problem = fsutil.writable_problem(folder)
+    if problem is not None:
+        raise UserError(f"cannot write {what} to {folder}: {problem}; {fix}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -218,8 +236,9 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
-    """Keep only the metric lines of iterations <= ``iteration`` (atomically)."""
-    keep = [m for m in read_metrics(path) if m["iter"] <= iteration]
+    """Keep only the metric lines of iterations <= ``iteration``, less the partial lines a stop wrote
+    (the resumed run goes on with their window), atomically."""
+    keep = [m for m in read_metrics(path) if m["iter"] <= iteration and not m.get("partial")]
     text = "".join(json.dumps(m) + "\n" for m in keep)
     ckpt_mod.atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
@@ -259,22 +278,76 @@ def main(args) -> int:
     run_dir = Path(args.out) if args.out else default_run_dir(config)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: exists and is not a folder")
-    ckpt_path = run_dir / ckpt_mod.FILENAME
-    command = f"fastmaml train {args.config}" + (f" --out {run_dir}" if args.out else "")
-    if args.data:
-        command += f" --data {args.data}"
+    check_writable(run_dir, "the run", "choose another folder with --out (or make this one writable)")
+    made = _make_dirs(run_dir)
+    lock = fsutil.RunLock(run_dir)
+    try:
+        lock.acquire()
+    except fsutil.LockHeld as e:
+        _remove_made(made)
+        who = f"pid {e.pid}" if e.pid is not None else "another process"
+        raise UserError(f"{run_dir} is in use by another fastmaml train ({who}, lock file {e.path}); wait for it "
+                        "to end or stop it, or use --out for another folder") from None
+    try:
+        return _main_locked(args, config, device, run_dir)
+    finally:
+        lock.release()
+        _remove_made(made)
+
+
+def _make_dirs(path: Path) -> List[Path]:
+    """Create ``path`` and its missing parents; the folders created, deepest first."""
+    made = []
+    p = path.absolute()
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_made(made: List[Path]) -> None:
+    """Remove the folders :func:`_make_dirs` created, where they are still empty (a refused start
+    leaves no trace)."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def resume_command(args, run_dir: Path, data_root: Optional[Path]) -> str:
+    """The command that continues this run, as it must be typed: the config, the folder, the data
+    folder actually used (even when it came from $FASTMAML_DATA), the device, threads and --set."""
+    parts = ["fastmaml", "train", args.config, "--out", str(run_dir)]
+    if data_root is not None:
+        parts += ["--data", os.path.abspath(data_root)]
+    if args.device:
+        parts += ["--device", args.device]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
     if args.overrides:
-        command += " --set " + " ".join(args.overrides)
+        parts += ["--set", *args.overrides]
+    parts.append("--resume")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> int:
+    ckpt_path = run_dir / ckpt_mod.FILENAME
 
     # 1. Decide what to do with the run folder; read and check everything before writing anything.
     state = None
+    fell_back = False
     if holds_run(run_dir) and not args.force:
         old_config = None
-        if ckpt_path.exists():
+        if ckpt_path.exists() or ckpt_mod.previous_path(ckpt_path).exists():
             if not args.resume:
                 old = read_json(run_dir / "config.json")
                 _refuse_existing(run_dir, old, config)
-            state = ckpt_mod.load(ckpt_path)
+            state, used, note = ckpt_mod.load_latest(ckpt_path)
+            if note is not None:
+                print(f"fastmaml: warning: {note}", file=sys.stderr)
+                fell_back = True
             old_config = state["config"]
             label = "checkpoint"
         else:
@@ -307,6 +380,10 @@ def main(args) -> int:
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ckpt_mod.CheckpointError(f"checkpoint {ckpt_path}: the sampler state does not fit this data "
                                            f"({_first_line(e)}); it was not loaded") from None
+    data_root = getattr(train_ds, "root", None) if config["dataset"] != "sinusoid" else None
+    if data_root is None and args.data:
+        data_root = Path(args.data)
+    command = resume_command(args, run_dir, data_root)
 
     # 2. Apply the checkpoint (everything was validated above) and set up the run folder.
     start = 0
@@ -328,10 +405,12 @@ def main(args) -> int:
             shutil.rmtree(run_dir / d, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_mod.remove_stale_temporaries(run_dir)
+    ckpt_mod.remove_stale_temporaries(run_dir, ckpt_mod.PREV_FILENAME)
     write_json(run_dir / "config.json", config)
     truncate_metrics(run_dir / "metrics.jsonl", start)
 
-    return _loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, device, command)
+    return _loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, device, command,
+                 keep_previous=not fell_back)
 
 
 def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config) -> None:
@@ -345,7 +424,7 @@ def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config) -> None:
 
 
 def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: int, progress_state, device,
-          command: str) -> int:
+          command: str, keep_previous: bool = True) -> int:
     from .progress import Progress
 
     iterations = config["iterations"]
@@ -368,10 +447,13 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
         metrics.write(json.dumps(obj) + "\n")
         metrics.flush()
 
+    rotate = [keep_previous]  # False only right after falling back from a damaged latest checkpoint
+
     def save(iteration: int) -> None:
         metrics.flush()
         os.fsync(metrics.fileno())
-        ckpt_mod.save(ckpt_path, {
+        keep, rotate[0] = rotate[0], True
+        ckpt_mod.save(ckpt_path, keep_previous=keep, checkpoint={
             "format": ckpt_mod.FORMAT, "version": ckpt_mod.VERSION, "iteration": iteration,
             "config": dict(config), "model": learner.model.state_dict(),
             "inner_lr": learner.inner_lr.state_dict(), "optimizer": opt.state_dict(),
@@ -380,7 +462,22 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
             "device": str(device),
         })
 
+    def train_line(it: int, partial: bool = False) -> None:
+        n = window["count"]
+        line: Dict[str, Any] = {"split": "train", "iter": it, "loss": window["loss"] / n}
+        if classification:
+            line["accuracy"] = window["accuracy"] / n
+        now = time.perf_counter()
+        line["tasks_per_s"] = round(n * config["meta_batch"] / max(now - window_start, 1e-9), 3)
+        line["elapsed"] = round(elapsed_before + now - t0, 3)
+        if partial:
+            line["partial"] = True
+        log(line)
+
     it = start
+    done = start  # the last iteration whose metrics are in the window
+    logged = start  # the last iteration a training line covers
+    finished = False
     window_start = time.perf_counter()
     try:
         with _StopRequest() as stop:
@@ -402,30 +499,34 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                 window["loss"] += loss
                 window["accuracy"] += acc if acc is not None else 0.0
                 window["count"] += 1
+                done = it
                 if it % config["log_every"] == 0 or it == iterations:
-                    n = window["count"]
-                    line = {"split": "train", "iter": it, "loss": window["loss"] / n}
-                    if classification:
-                        line["accuracy"] = window["accuracy"] / n
-                    now = time.perf_counter()
-                    line["tasks_per_s"] = round(n * config["meta_batch"] / max(now - window_start, 1e-9), 3)
-                    window_start = now
-                    line["elapsed"] = round(elapsed_before + time.perf_counter() - t0, 3)
-                    log(line)
+                    train_line(it)
+                    logged = it
+                    window_start = time.perf_counter()
                     window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
                 if val_ds is not None and (it % config["val_every"] == 0 or it == iterations):
                     log(_validate(learner, val_ds, config, it, classification))
                     window_start = time.perf_counter()  # tasks_per_s measures training alone
                 bar.update(it, loss=loss, accuracy=acc)
+                if stop.requested and logged < it and window["count"] > 0:
+                    train_line(it, partial=True)  # the metrics since the last line (dropped on resume)
+                    logged = it
                 if it % config["checkpoint_every"] == 0 or it == iterations or stop.requested:
                     save(it)
                     last_ckpt = it
                 if stop.requested:
                     bar.close()
                     print(f"fastmaml: stopped at iteration {it}/{iterations}; checkpoint saved. "
-                          f"Continue with: {command} --resume", file=sys.stderr)
+                          f"Continue with: {command}", file=sys.stderr)
                     return 130
+            finished = True
     finally:
+        if not finished and logged < done and window["count"] > 0 and not metrics.closed:
+            try:
+                train_line(done, partial=True)  # training stopped (an error): its last metrics
+            except (OSError, ValueError):
+                pass
         metrics.close()
     bar.close()
     summary = f"trained {config['config']} to iteration {iterations} in {run_dir}"

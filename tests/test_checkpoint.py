@@ -160,6 +160,7 @@ def test_cli_refuses_a_corrupt_checkpoint_and_changes_nothing(tmp_path, capsys):
     assert run_cli(*train_args("sinusoid-tiny", run, "iterations=4", "checkpoint_every=2", "val_every=0")) == 0
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) - 100])
+    (run / "checkpoint.prev.pt").unlink()  # no previous checkpoint to fall back to (test_checkpoint_integrity.py)
     before = snapshot(run)
     assert_user_error(capsys, run_cli(*train_args("sinusoid-tiny", run, "iterations=8", "checkpoint_every=2",
                                                   "val_every=0"), "--resume"), "corrupt", "not loaded")

@@ -101,20 +101,17 @@ def test_cache_hit_stale_and_corrupt(tiny, tmp_path):
         assert of.load_characters(tiny, 28, cache_dir=cache)[2]["source"] == "cache"
 
 
-def test_cache_goes_to_cache_dir_when_data_is_read_only(tiny, tmp_path, monkeypatch):
+def test_cache_never_goes_into_the_data_folder(tiny, tmp_path, monkeypatch):
+    """Issue 13 item 17: a writable data folder is not written either (no permission games)."""
     monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path / "home"))
-    os.chmod(tiny, 0o555)
-    try:
-        _, _, info = of.load_characters(tiny, 28, num_workers=1)
-        assert Path(info["cache_path"]).parent == tmp_path / "home" / "omniglot"
-        assert sorted(p.name for p in tiny.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
-        assert of.load_characters(tiny, 28)[2]["source"] == "cache"
-    finally:
-        os.chmod(tiny, 0o755)
-    # writable again: the cache found in the fallback folder is used; a new one goes beside the data
-    assert Path(of.load_characters(tiny, 28)[2]["cache_path"]).parent == tmp_path / "home" / "omniglot"
+    before = sorted(p.name for p in tiny.iterdir())
+    _, _, info = of.load_characters(tiny, 28, num_workers=1)
+    assert info["source"] == "decoded" and Path(info["cache_path"]).parent == tmp_path / "home" / "omniglot"
+    assert sorted(p.name for p in tiny.iterdir()) == before
+    assert of.load_characters(tiny, 28)[2]["source"] == "cache"
     _, _, info = of.load_characters(tiny, 20, num_workers=1)
-    assert info["source"] == "decoded" and Path(info["cache_path"]).parent == tiny
+    assert Path(info["cache_path"]).parent == tmp_path / "home" / "omniglot"
+    assert sorted(p.name for p in tiny.iterdir()) == before
 
 
 def test_rotation_direction_is_counter_clockwise():
@@ -136,9 +133,9 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
         Omniglot(tiny, split_scheme="lake")
     with pytest.raises(ValueError, match="split: expected one of"):
         Omniglot(tiny, split="validation")
-    with pytest.raises(FileNotFoundError, match=r"root: expected .*images_background\.zip.*download=True.*FASTMAML_DATA"):
+    with pytest.raises(FileNotFoundError, match=r"root: Omniglot not found: expected .*images_background\.zip.*FASTMAML_DATA.*download=True"):
         Omniglot(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"root \(None: FASTMAML_DATA.*download=True"):
+    with pytest.raises(FileNotFoundError, match=r"root: Omniglot not found: .*empty_cache.*download=True"):
         Omniglot()
     # only one of the two zips
     half = tmp_path / "half" / "omniglot"
@@ -211,13 +208,13 @@ def test_real_counts(real):
 def test_real_cache_round_trip(real, monkeypatch):
     arr, names, info = of.load_characters(real["data"], 28, cache_dir=real["cache"])
     assert info["source"] == "cache" and names == real["names"] and np.array_equal(arr, real["chars"])
-    # default placement: the shared folder is read-only -> the default cache (FASTMAML_CACHE) is used
+    # default placement: the default cache (FASTMAML_CACHE), never the data folder
     monkeypatch.setenv("FASTMAML_CACHE", str(real["home"]))
     before = sorted(p.name for p in real["data"].iterdir())
     ds = Omniglot(real["data"], split="train")  # load time: bench/bench_data.py
     assert ds.load_info["source"] == "cache" and ds.load_info["cache_path"].startswith(str(real["cache"]))
-    if not os.access(real["data"], os.W_OK) or not (real["data"].stat().st_mode & 0o222):
-        assert sorted(p.name for p in real["data"].iterdir()) == before
+    # the data folder is never written, whatever its permissions (issue 13 item 17)
+    assert sorted(p.name for p in real["data"].iterdir()) == before
 
 
 @pytest.mark.data

@@ -15,14 +15,18 @@ the folder that contains ``omniglot/``), else ``~/.cache/fastmaml/<dataset>``.
 from .download import OMNIGLOT_MD5, OMNIGLOT_URLS, ChecksumError, DownloadError, download_omniglot
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
+from .paths import DataNotFound
 from .sampler import TaskSampler
 from .sinusoid import Sinusoid
+from .splits import PackageFileMissing
 
 __all__ = [
     "Omniglot",
     "MiniImageNet",
     "Sinusoid",
     "TaskSampler",
+    "DataNotFound",
+    "PackageFileMissing",
     "download_omniglot",
     "DownloadError",
     "ChecksumError",

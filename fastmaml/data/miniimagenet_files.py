@@ -9,7 +9,7 @@ Two layouts are understood, in a folder (``root``, ``root/miniimagenet`` or
   a restricted unpickler that only admits numpy arrays and plain containers (no arbitrary code).
 * images: ``images/<filename>`` plus ``{train,val,test}.csv`` with the header ``filename,label``.
   The images are decoded once (RGB, LANCZOS-resized when not already at the asked size) and
-  cached like Omniglot (``miniimagenet-<split>-<H>x<W>.fmcache`` beside the data or in the cache
+  cached like Omniglot (``miniimagenet-<split>-<H>x<W>.fmcache`` in the cache
   folder), keyed on the CSV's hash and each image file's size and mtime.
 
 Classes are sorted by label; a class keeps its images in file (or index) order. Every class must
@@ -58,11 +58,9 @@ def find_data_dir(root, split: str) -> Path:
     for c in candidates:
         if has_split(c, split):
             return c
-    arg = "root" if root is not None else "root (None: FASTMAML_DATA/miniimagenet, then the default cache)"
-    raise FileNotFoundError(
-        f"{arg}: expected mini-imagenet-cache-{split}.pkl or images/ + {split}.csv in one of "
-        f"{[str(c) for c in candidates]}, found neither. " + HOW_TO_GET.replace("{split}", split)
-    )
+    raise paths.DataNotFound(
+        "mini-ImageNet", f"mini-imagenet-cache-{split}.pkl or images/ + {split}.csv", candidates, "",
+        "pass root=DIR or set FASTMAML_DATA=DIR (the folder holding miniimagenet/); it is not downloaded automatically")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -35,8 +35,8 @@ class Omniglot(TaskSampler):
         device: where ``images`` lives and episodes are made.
         download: fetch the official zips (MD5-verified) when not found.
         seed: seed of the training generator.
-        cache_dir: folder for the decoded-image cache (default: beside the data when writable,
-            else ``~/.cache/fastmaml/omniglot``).
+        cache_dir: folder for the decoded-image cache (default: ``$FASTMAML_CACHE/omniglot``, else
+            ``~/.cache/fastmaml/omniglot``; the data folder is never written).
         num_workers: decoding processes on a cache miss (None: one per core).
     """
 

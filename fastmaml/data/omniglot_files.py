@@ -7,8 +7,9 @@ an extracted folder is preferred over the zip when both are present.
 ``load_characters`` returns all characters of both parts, sorted by ``Alphabet/characterNN``,
 as uint8 ``[num_characters, 20, H, W]`` (stroke = 1, background = 0; drawings sorted by file name)
 plus the character names. The first call decodes the 32,460 PNGs (``decode.decode_strokes``) and
-writes a cache file ``omniglot-<H>x<W>.fmcache`` beside the data, or in the cache folder when the
-data folder is read-only (see ``paths.cache_locations``). The cache is keyed on the sources (each
+writes a cache file ``omniglot-<H>x<W>.fmcache`` in the cache folder (``cache_dir``, else
+``$FASTMAML_CACHE/omniglot``, default ``~/.cache/fastmaml/omniglot``; never the data folder, see
+``paths.cache_locations``). The cache is keyed on the sources (each
 zip's size and mtime; for an extracted folder, every file's path, size and mtime), the image size
 and the preprocessing version; it carries a SHA-256 of its payload. A stale or corrupt cache is
 rebuilt (and rewritten atomically). A hit reads no PNG and does not parse the zips.
@@ -67,16 +68,14 @@ def find_data_dir(root, download: bool) -> Path:
         missing = [p for p in PARTS if part_source(target, p) is None]
         download_omniglot(target, names=[f"{p}.zip" for p in missing])
         return target
-    partial = [c for c in candidates if c.is_dir()]
+    partial = [c for c in candidates if c.is_dir() and any(part_source(c, p) is not None for p in PARTS)]
     detail = ""
     if partial:
-        missing = [f"{p}.zip" for p in PARTS if part_source(partial[0], p) is None]
-        detail = f"; {partial[0]} lacks {' and '.join(missing)}"
-    arg = "root" if root is not None else "root (None: FASTMAML_DATA, then the default cache)"
-    raise FileNotFoundError(
-        f"{arg}: expected Omniglot's images_background.zip and images_evaluation.zip (or the extracted "
-        f"folders) in one of {[str(c) for c in candidates]}, found none{detail}. To get them: {HOW_TO_GET}."
-    )
+        lacking = [f"{p}.zip" for p in PARTS if part_source(partial[0], p) is None]
+        detail = f"{partial[0]} lacks {' and '.join(lacking)}"
+    raise paths.DataNotFound(
+        "Omniglot", "images_background.zip and images_evaluation.zip (or their extracted folders)",
+        candidates, detail, "pass root=DIR, set FASTMAML_DATA=DIR (the folder holding omniglot/), or download=True")
 
 
 def source_stamp(src: Path) -> Dict[str, object]:

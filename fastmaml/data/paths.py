@@ -7,6 +7,9 @@ Data folders are looked up, in order:
    ``miniimagenet/``, ... (e.g. ``FASTMAML_DATA=/work/shared/data``);
 3. the default cache folder ``~/.cache/fastmaml/<dataset>`` (``$FASTMAML_CACHE`` or
    ``$XDG_CACHE_HOME/fastmaml`` when set).
+
+Decoded-image caches are never written into a data folder: they go to ``cache_dir`` when given,
+else to ``$FASTMAML_CACHE/<dataset>`` (default ``~/.cache/fastmaml/<dataset>``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,22 @@ from typing import List, Optional, Union
 
 ENV_DATA = "FASTMAML_DATA"
 ENV_CACHE = "FASTMAML_CACHE"
+
+
+class DataNotFound(FileNotFoundError):
+    """A dataset's files were not found: ``dataset``, what was ``expected``, the ``places`` looked in
+    and, when one of them holds part of it, a short ``detail``. ``str()`` is the Python API's message;
+    the command line words its own from the attributes."""
+
+    def __init__(self, dataset: str, expected: str, places: List[Path], detail: str = "", fix: str = ""):
+        self.dataset, self.expected, self.places, self.detail = dataset, expected, [str(p) for p in places], detail
+        where = " or ".join(self.places)
+        text = f"root: {dataset} not found: expected {expected} in {where}"
+        if detail:
+            text += f" ({detail})"
+        if fix:
+            text += f"; {fix}"
+        super().__init__(text)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,15 +105,12 @@ def download_dir(dataset: str, root: Optional[PathLike]) -> Path:
 
 
 def cache_locations(data_dir: Path, dataset: str, cache_dir: Optional[PathLike]) -> List[Path]:
-    """Folders for a dataset's decoded-array cache, best first: ``cache_dir`` alone when given;
-    else beside the data, then the default cache folder. The first writable one is written."""
+    """The folder for a dataset's decoded-array cache: ``cache_dir`` when given, else the default
+    cache folder ``default_cache_dir() / dataset``. Never the data folder itself: a user's data
+    folder is only read (``data_dir`` is accepted for the callers' sake and not used)."""
     if cache_dir is not None:
         return [Path(cache_dir).expanduser()]
-    out = [Path(data_dir)]
-    fallback = default_cache_dir() / dataset
-    if fallback.resolve() != Path(data_dir).resolve():
-        out.append(fallback)
-    return out
+    return [default_cache_dir() / dataset]
 
 
 def first_writable(folders: List[Path]) -> Path:

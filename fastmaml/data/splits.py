@@ -27,6 +27,10 @@ MAML_SPLIT_SEED = 0
 MAML_TRAIN_CHARACTERS = 1200
 
 
+class PackageFileMissing(RuntimeError):
+    """A data file that ships inside the fastmaml package is missing (an incomplete installation)."""
+
+
 def check_split(split_scheme: str, split: str) -> None:
     """ValueError for an unknown scheme or a split the scheme does not have."""
     if split_scheme not in SCHEMES:
@@ -40,7 +44,14 @@ def check_split(split_scheme: str, split: str) -> None:
 def vinyals_classes(split: str, rotations: bool = True) -> List[str]:
     """Class names of a Vinyals split, in file order; only the ``rot000`` ones if not ``rotations``."""
     check_split("vinyals", split)
-    text = resources.files(__package__).joinpath("splits", "vinyals", f"{split}.txt").read_text("utf-8")
+    ref = resources.files(__package__).joinpath("splits", "vinyals", f"{split}.txt")
+    try:
+        text = ref.read_text("utf-8")
+    except OSError as e:
+        raise PackageFileMissing(
+            f"fastmaml's packaged split file fastmaml/data/splits/vinyals/{split}.txt is missing or unreadable "
+            f"({ref}: {e.strerror or type(e).__name__}); the installation is incomplete: reinstall fastmaml "
+            "(pip install -e . in its repository)") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not rotations:
         names = [n for n in names if n.endswith("/rot000")]
