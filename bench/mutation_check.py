@@ -1,0 +1,375 @@
+"""Mutation check: plant representative bugs one at a time and report which tests catch each.
+
+    python bench/mutation_check.py                 # every mutant (about 20 min on 2 cores)
+    python bench/mutation_check.py --only lslr_rate_off_by_one cpp_segment_dot_col_stride
+    python bench/mutation_check.py --list          # the mutants and the tests each one runs
+
+Not part of CI's default run. For each mutant in ``MUTANTS`` it copies the repository (``git archive
+HEAD``: the committed state, or the working tree with ``--worktree``) to a temporary folder, never
+touching the checkout itself, applies the mutant's one-line edit, rebuilds the C++ extension in that
+copy when the edit is in C++/CUDA source, runs the mutant's tests there (``python -m pytest`` with the
+copy first on ``sys.path``), and records the tests that fail. A failing test counts only if it passes
+on the unmutated copy (checked for exactly the failing tests). Writes bench/results/mutation_report.json
+and .md; ``--only`` updates just those mutants' entries in an existing report.
+
+Adding a mutant for new code: append a ``Mutant`` to ``MUTANTS`` (``old`` must occur exactly once in
+``path``; a mutant whose ``old`` text is gone is reported as ``stale``, so refactors show up) and list
+the tests that should catch it in ``tests`` (pytest arguments: files, node ids, ``-k`` expressions).
+The target is every mutant ``caught``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import difflib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# -- the tests each kind of mutant runs ------------------------------------------------------------
+
+ENGINE_TESTS = ["tests/test_engine.py", "tests/test_mutation_gaps.py", "tests/test_oracle_independence.py",
+                "tests/test_kernels_large.py::test_engine_at_P_above_100k_matches_oracle"]
+CPP_TESTS = ["tests/test_cpp_kernels.py", "tests/test_kernels_large.py", "tests/test_engine.py",
+             "tests/test_kernels.py", "-k", "not triton"]
+PY_OP_TESTS = ["tests/test_kernels.py", "tests/test_cpp_kernels.py", "tests/test_kernels_large.py",
+               "tests/test_engine.py", "-k", "not triton"]
+TRITON_TESTS = ["tests/test_triton_kernels.py", "tests/test_kernels_large.py",
+                "tests/test_mutation_gaps.py::test_triton_kernels_inside_the_engine"]
+EVAL_TESTS = ["tests/test_evaluate_values.py", "tests/test_engine.py", "tests/test_cli.py"]
+CKPT_TESTS = ["tests/test_checkpoint.py", "tests/test_cli.py"]
+
+
+@dataclass
+class Mutant:
+    name: str
+    area: str       # engine / fused op (C++) / fused op (Python) / kernel (Triton) / checkpoint / evaluation / API
+    path: str       # repository-relative file
+    old: str        # text replaced (must occur exactly once)
+    new: str
+    tests: List[str]
+    bug: str        # what a user would see
+    issue15: bool = False  # one of the six bugs issue 15 found uncaught
+
+
+MUTANTS: List[Mutant] = [
+    # -- the six that passed the whole suite before issue 15 --------------------------------------
+    Mutant("lslr_rate_off_by_one", "engine", "fastmaml/inner_lr.py",
+           '        if self.mode == "per_layer_per_step":\n            return lr[k], True',
+           '        if self.mode == "per_layer_per_step":\n            return lr[min(k + 1, lr.shape[0] - 1)], True',
+           ENGINE_TESTS, "MAML++ LSLR: step k uses step k+1's per-layer rates", issue15=True),
+    Mutant("cpp_segment_dot_col_stride", "fused op (C++)", "csrc/ops.cpp",
+           "const int64_t c0 = b * kColBlock;", "const int64_t c0 = b * kChunk;",
+           CPP_TESTS, "per-element (Meta-SGD) reductions wrong past 8,192 columns", issue15=True),
+    Mutant("bn_running_stats", "engine", "fastmaml/functional.py",
+           "m.training, m.track_running_stats = True, False", "m.training, m.track_running_stats = False, True",
+           ENGINE_TESTS, "BatchNorm normalizes with running statistics instead of each task's batch", issue15=True),
+    Mutant("eval_mse_k_minus_1", "evaluation", "fastmaml/evaluate.py",
+           "        fast = learner.adapt(sx, sy, steps=k)\n", "        fast = learner.adapt(sx, sy, steps=k - 1)\n",
+           EVAL_TESTS, "`fastmaml eval` reports the MSE after k-1 steps as 'after k steps'", issue15=True),
+    Mutant("evaluate_ignores_steps", "evaluation", "fastmaml/maml.py",
+           "fast = self.adapt(support_x, support_y, steps, loss_fn)",
+           "fast = self.adapt(support_x, support_y, None, loss_fn)",
+           EVAL_TESTS, "MAML.evaluate(steps=10) adapts with inner_steps", issue15=True),
+    Mutant("engine_first_order_multistep", "engine", "fastmaml/engine.py",
+           "                elif gq is not None:\n                    v = v + gq\n",
+           "                elif gq is not None:\n                    v = v + 0.8 * gq\n",
+           ENGINE_TESTS, "first order + multi-step loss: intermediate query gradients scaled wrongly", issue15=True),
+    # -- representative others --------------------------------------------------------------------
+    Mutant("engine_hvp_rate_of_previous_step", "engine", "fastmaml/engine.py",
+           "rate, seg = self._rate(k, lr, device)", "rate, seg = self._rate(max(k - 1, 0), lr, device)",
+           ENGINE_TESTS, "second-order term of step k scaled by step k-1's rate (only per-step rates differ)"),
+    Mutant("engine_shared_hvp_sign", "engine", "fastmaml/engine.py",
+           "                            acc.sub_(gp)", "                            acc.add_(gp)",
+           ENGINE_TESTS, "non-adapted parameters (ANIL body, BN affine) get the second-order term with the wrong sign"),
+    Mutant("engine_recompute_wrong_checkpoint", "engine", "fastmaml/engine.py",
+           "self.forward_steps(checkpoints[k0 // c], k0, k1,",
+           "self.forward_steps(checkpoints[max(k0 // c - 1, 0)], k0, k1,",
+           ENGINE_TESTS, "memory='recompute' replays a stretch from the wrong checkpoint"),
+    Mutant("default_weights_shifted", "API", "fastmaml/maml.py",
+           "return [0.0] * (steps - 1) + [1.0]", "return [1.0] + [0.0] * (steps - 1)",
+           ENGINE_TESTS, "without multi_step_weights, J is the query loss after the first step, not the last"),
+    Mutant("adapt_bn_ignored", "API", "fastmaml/layout.py",
+           "chosen = [n for n in names if adapt_bn or not _is_batchnorm_param(model, n)]",
+           "chosen = [n for n in names if not _is_batchnorm_param(model, n)]",
+           ENGINE_TESTS, "adapt_bn=True silently does not adapt BatchNorm's scale and shift"),
+    Mutant("registry_inner_update_lr_grad_sign", "fused op (Python)", "fastmaml/kernels/registry.py",
+           "d_lr = torch.neg(ops.segment_dot(_fit(dout, grad), grad, lr, segments))",
+           "d_lr = ops.segment_dot(_fit(dout, grad), grad, lr, segments)",
+           PY_OP_TESTS, "autograd through the compiled inner_update gives the rate gradient with the wrong sign"),
+    Mutant("reference_ops_reverse_step_ignores_w", "fused op (Python)", "fastmaml/reference/ops.py",
+           "        out = out + w * gq\n", "        out = out + gq\n",
+           PY_OP_TESTS, "the pure-PyTorch reverse_step ignores the weight w of the query gradient"),
+    Mutant("cpp_inner_update_scalar_tail", "fused op (C++)", "csrc/ops.cpp",
+           "row_s(t, c0, c1, lr[0]);", "row_s(t, c0, c1 - (c == nchunks - 1 ? 1 : 0), lr[0]);",
+           CPP_TESTS, "scalar-lr elementwise ops leave the last column of each row unwritten"),
+    Mutant("cpp_fragmented_run_sum_short", "fused op (C++)", "csrc/ops.cpp",
+           "for (int64_t i = r.begin - c0; i < r.end - c0; ++i) s += acc[i];",
+           "for (int64_t i = r.begin - c0; i < r.end - c0 - 1; ++i) s += acc[i];",
+           CPP_TESTS, "per-segment reductions over many short segments drop the last element of each"),
+    Mutant("triton_segment_run_loop_drops_last", "kernel (Triton)", "fastmaml/triton/ops.py",
+           "for s in range(lo, hi + 1):", "for s in range(lo, hi):",
+           TRITON_TESTS, "Triton per-segment reductions drop the highest segment id of each block"),
+    Mutant("checkpoint_restore_skips_torch_rng", "checkpoint", "fastmaml/checkpoint.py",
+           '    torch.set_rng_state(rng["torch"])\n', '    pass  # torch.set_rng_state(rng["torch"])\n',
+           CKPT_TESTS, "a resumed run draws different random numbers than an uninterrupted one"),
+    Mutant("checkpoint_compatible_skips_shapes", "checkpoint", "fastmaml/checkpoint.py",
+           "_need(tuple(state[k].shape) == tuple(v.shape) and state[k].dtype == v.dtype, path,",
+           "_need(True, path,",
+           CKPT_TESTS, "a checkpoint of another model size is loaded instead of refused"),
+    Mutant("eval_ci_ddof0", "evaluation", "fastmaml/evaluate.py",
+           "float(1.96 * a.std(ddof=1) / math.sqrt(a.size))", "float(1.96 * a.std(ddof=0) / math.sqrt(a.size))",
+           EVAL_TESTS, "the reported 95% interval uses the population std"),
+]
+
+CPP_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp")
+
+
+# -- mechanics -------------------------------------------------------------------------------------
+
+def sh(cmd: Sequence[str], cwd: Path, env: Dict[str, str], timeout: float, log: Optional[Path] = None):
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=timeout, text=True)
+        out, rc = p.stdout, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = (e.stdout or "") if isinstance(e.stdout, str) else "", 124
+    if log is not None:
+        log.write_text(out)
+    return rc, out, time.monotonic() - t0
+
+
+def make_base(dest: Path, worktree: bool) -> None:
+    dest.mkdir(parents=True)
+    if worktree:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                               stdout=subprocess.PIPE).stdout.decode().split("\0")
+        for f in filter(None, files):
+            src = REPO / f
+            if src.is_file():
+                (dest / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / f)
+    else:
+        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True,
+                                 stdout=subprocess.PIPE).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
+def env_for(copy: Path, threads: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MAX_JOBS"] = "1"
+    env["FASTMAML_REQUIRE_EXT"] = "1"
+    env.setdefault("FASTMAML_DATA", str((REPO / ".." / "shared" / "data").resolve()))
+    env.pop("FASTMAML_KERNELS", None)
+    return env
+
+
+def build_extension(copy: Path, env: Dict[str, str], log: Path) -> bool:
+    rc, _, secs = sh([sys.executable, "setup.py", "build_ext", "--inplace"], copy, env, 1800, log)
+    print(f"    built fastmaml._C in {secs:.0f} s (rc {rc})", flush=True)
+    return rc == 0
+
+
+def check_import(copy: Path, env: Dict[str, str]) -> None:
+    rc, out, _ = sh([sys.executable, "-c", "import fastmaml, fastmaml._C; print(fastmaml.__file__); "
+                     "print(fastmaml._C.__file__)"], copy, env, 300)
+    paths = out.split()
+    if rc != 0 or not paths or not all(p.startswith(str(copy)) for p in paths[-2:]):
+        raise RuntimeError(f"the copy at {copy} does not import its own fastmaml and fastmaml._C:\n{out}")
+
+
+def run_pytest(copy: Path, env: Dict[str, str], args: Sequence[str], tag: str, timeout: float):
+    """(failed node ids, counts, seconds, rc)."""
+    xml = copy / f"junit-{tag}.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           f"--junitxml={xml}", *args]
+    rc, out, secs = sh(cmd, copy, env, timeout, copy / f"pytest-{tag}.log")
+    failed: List[str] = []
+    counts = {"tests": 0, "failed": 0, "skipped": 0}
+    if xml.exists():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            counts["tests"] += 1
+            if case.find("skipped") is not None:
+                counts["skipped"] += 1
+            if case.find("failure") is not None or case.find("error") is not None:
+                cls = case.get("classname", "")
+                file = cls.replace(".", "/") + ".py" if cls else "?"
+                failed.append(f"{file}::{case.get('name')}")
+        counts["failed"] = len(failed)
+    if rc == 124:
+        failed.append("<timeout>")
+    elif rc not in (0, 1) and not failed:
+        failed.append(f"<pytest exit {rc}>")
+    return failed, counts, secs, rc
+
+
+def diff_of(m: Mutant, text: str) -> str:
+    after = text.replace(m.old, m.new, 1)
+    return "".join(difflib.unified_diff(text.splitlines(True), after.splitlines(True), f"a/{m.path}",
+                                        f"b/{m.path}", n=1))
+
+
+def check_mutant(m: Mutant, base: Path, work: Path, threads: int, timeout: float, keep: bool) -> Dict:
+    entry = {k: v for k, v in asdict(m).items() if k not in ("old", "new")}
+    src = base / m.path
+    text = src.read_text() if src.exists() else ""
+    n = text.count(m.old)
+    if n != 1:
+        entry.update(status="stale", detail=f"the text to replace occurs {n} times in {m.path}", caught_by=[])
+        return entry
+    entry["diff"] = diff_of(m, text)
+    copy = work / m.name
+    shutil.copytree(base, copy, symlinks=True, ignore=shutil.ignore_patterns("build", "junit-*.xml", "pytest-*.log"))
+    t0 = time.monotonic()
+    try:
+        (copy / m.path).write_text(text.replace(m.old, m.new, 1))
+        env = env_for(copy, threads)
+        if m.path.endswith(CPP_SUFFIXES):
+            for so in copy.glob("fastmaml/_C*.so"):
+                so.unlink()
+            if not build_extension(copy, env, copy / "build.log"):
+                entry.update(status="caught", caught_by=["<the extension no longer compiles>"])
+                return entry
+        check_import(copy, env)
+        failed, counts, secs, rc = run_pytest(copy, env, m.tests, "mutant", timeout)
+        entry.update(tests_run=counts["tests"], tests_failed=counts["failed"], pytest_seconds=round(secs, 1))
+        real = [f for f in failed if not f.startswith("<")]
+        confirmed = real
+        if real:  # a failure counts only if the same test passes without the mutant
+            base_env = env_for(base, threads)
+            base_failed, _, _, _ = run_pytest(base, base_env, real, "baseline-" + m.name, timeout)
+            confirmed = [f for f in real if f not in set(base_failed)]
+            entry["failing_without_mutant"] = sorted(set(real) - set(confirmed))
+        entry["caught_by"] = confirmed + [f for f in failed if f.startswith("<")]
+        entry["status"] = "caught" if entry["caught_by"] else "survived"
+        return entry
+    finally:
+        entry["seconds"] = round(time.monotonic() - t0, 1)
+        if not keep:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def write_report(entries: List[Dict], meta: Dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    order = {m.name: i for i, m in enumerate(MUTANTS)}
+    entries = sorted(entries, key=lambda e: order.get(e["name"], len(order)))
+    summary = {s: sum(e["status"] == s for e in entries) for s in ("caught", "survived", "stale")}
+    summary["total"] = len(entries)
+    report = dict(meta, summary=summary, mutants=entries)
+    (RESULTS / "mutation_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# Mutation check",
+        "",
+        f"`python bench/mutation_check.py` ({meta['source']}, {meta['date']}, torch {meta['torch']}, "
+        f"{meta['machine']}). Each mutant is one planted edit in a temporary copy of the repository; a test",
+        "counts as catching it when it fails with the mutant and passes without it.",
+        "",
+        f"**{summary['caught']} of {summary['total']} caught**, {summary['survived']} survived, "
+        f"{summary['stale']} stale.",
+        "",
+        "| mutant | area | file | issue 15's six | status | tests failing / run | catching tests (first 3) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in entries:
+        first = ", ".join(f"`{c.split('::', 1)[-1]}`" for c in e.get("caught_by", [])[:3])
+        ran = f"{len(e.get('caught_by', []))} / {e.get('tests_run', '-')}"
+        lines.append(f"| {e['name']} | {e['area']} | `{e['path']}` | {'yes' if e.get('issue15') else ''} | "
+                     f"{e['status']} | {ran} | {first} |")
+    lines += ["", "## The planted edits", ""]
+    for e in entries:
+        lines += [f"### {e['name']}", "", e["bug"] + ".", ""]
+        if e.get("diff"):
+            lines += ["```diff", e["diff"].rstrip("\n"), "```", ""]
+        if e.get("detail"):
+            lines += [e["detail"], ""]
+        if e.get("caught_by"):
+            lines += ["Caught by: " + ", ".join(f"`{c}`" for c in e["caught_by"][:12])
+                      + (f" and {len(e['caught_by']) - 12} more" if len(e["caught_by"]) > 12 else ""), ""]
+    (RESULTS / "mutation_report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants (updates their report entries)")
+    p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    p.add_argument("--worktree", action="store_true", help="copy the working tree (tracked and untracked, not "
+                   "ignored files) instead of the committed HEAD")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the tests (default 1)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    p.add_argument("--keep", action="store_true", help="keep the mutant copies (their logs and junit files)")
+    p.add_argument("--no-report", action="store_true", help="print the results, write no report")
+    args = p.parse_args(argv)
+
+    chosen = MUTANTS
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTANTS}
+        if unknown:
+            p.error(f"unknown mutants {sorted(unknown)}; known: {', '.join(m.name for m in MUTANTS)}")
+        chosen = [m for m in MUTANTS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:40s} {m.area:18s} {m.path}\n    {m.bug}\n    tests: {' '.join(m.tests)}")
+        return 0
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="fastmaml-mutants-"))
+    print(f"copies under {work}", flush=True)
+    base = work / "base"
+    make_base(base, args.worktree)
+    if not build_extension(base, env_for(base, args.threads), work / "base-build.log"):
+        print("the unmutated copy does not build; see", work / "base-build.log")
+        return 2
+    check_import(base, env_for(base, args.threads))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True).stdout.strip()
+    meta = {
+        "source": ("working tree on " if args.worktree else "commit ") + commit,
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {args.threads} test thread(s)",
+    }
+    entries: Dict[str, Dict] = {}
+    report_path = RESULTS / "mutation_report.json"
+    if args.only and report_path.exists():
+        entries = {e["name"]: e for e in json.loads(report_path.read_text()).get("mutants", [])}
+    try:
+        for i, m in enumerate(chosen, 1):
+            print(f"[{i}/{len(chosen)}] {m.name} ({m.path})", flush=True)
+            e = check_mutant(m, base, work, args.threads, args.timeout, args.keep)
+            entries[m.name] = e
+            print(f"    {e['status']}: {len(e.get('caught_by', []))} catching tests of {e.get('tests_run', '-')} "
+                  f"({e.get('seconds', 0):.0f} s)", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    known = {m.name for m in MUTANTS}
+    final = [e for n, e in entries.items() if n in known]
+    if not args.no_report:
+        write_report(final, meta)
+        print(f"wrote {RESULTS / 'mutation_report.md'} and .json")
+    survived = [e["name"] for e in final if e["status"] != "caught"]
+    print("all caught" if not survived else f"not caught: {', '.join(survived)}")
+    return 0 if not survived else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
