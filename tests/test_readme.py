@@ -1,0 +1,114 @@
+"""Issue 13, items 14 and 19: the README's first run finishes and works as printed, the full runs'
+times are stated, every path it names exists, the benchmark tables live in docs/benchmarks.md, and
+it says what is guaranteed on bad input and faults."""
+
+import glob
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from test_cli import PNG_MAGIC, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def section(text, title):
+    """The body of the section whose heading is ``title`` (up to the next heading of its level or above)."""
+    m = re.search(rf"^(#+) {re.escape(title)}\s*$", text, re.M)
+    assert m, f"no section {title!r}"
+    level = len(m.group(1))
+    rest = text[m.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def first_code_block(text):
+    return re.search(r"```(?:bash)?\n(.*?)```", text, re.S).group(1)
+
+
+def fastmaml_commands(block):
+    """The ``fastmaml ...`` commands of a shell line joined by ``&&``."""
+    out = []
+    for part in block.replace("\\\n", " ").split("&&"):
+        words = shlex.split(part, comments=True)
+        if words and words[0] == "fastmaml":
+            out.append(words[1:])
+    return out
+
+
+def test_the_first_command_is_a_short_run_and_the_full_runs_times_are_stated():
+    block = first_code_block(section(README, "Install and run"))
+    cmds = fastmaml_commands(block)
+    assert cmds and cmds[0][0] == "train" and cmds[0][1].endswith("-tiny"), block
+    full = [c for c in cmds if c[0] == "train" and not c[1].endswith("-tiny") and "iterations=" not in " ".join(c)]
+    assert not full, f"the first command starts a full run: {full}"
+    text = section(README, "Install and run")
+    assert re.search(r"`omniglot-5w1s` \| 60,000 \| about \d+ hours", text)
+    assert "H100" in text and "--set iterations=N" in text
+
+
+def test_the_first_commands_work_as_printed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cmds = fastmaml_commands(first_code_block(section(README, "Install and run")))
+    for argv in cmds:
+        assert run_cli(*argv, *(["--quiet"] if argv[0] in ("train", "eval") else [])) == 0, argv
+    assert (tmp_path / "runs" / "sinusoid-tiny" / "plots" / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _named_paths(text):
+    found = set(re.findall(r"`([^`\s]+)`", text))
+    found |= set(re.findall(r"(?<![\w/.~-])((?:bench|docs|fastmaml|tests|csrc|kernels|\.ci)/[\w./{},*-]*[\w/}*])", text))
+    found |= set(re.findall(r"\]\(([^)\s]+)\)", text))
+    for p in sorted(found):
+        if "/" not in p or p.startswith(("http", "-", "~", "$")) or "=" in p or p.endswith(("/bin/python",)):
+            continue
+        if p.startswith(("runs/", "omniglot/", "miniimagenet/", "build/")):
+            continue  # made by the commands, or a data folder's layout
+        yield p
+
+
+def _expand(p):
+    m = re.search(r"\{([^}]*)\}", p)
+    if not m:
+        return [p]
+    return [q for o in m.group(1).split(",") for q in _expand(p[: m.start()] + o + p[m.end():])]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/benchmarks.md"])
+def test_every_path_named_exists(doc):
+    text = (REPO / doc).read_text()
+    missing = [q for p in _named_paths(text) for q in _expand(p)
+               if not glob.glob(str(REPO / q)) and not glob.glob(str(REPO / Path(doc).parent / q))]
+    assert not missing, missing
+
+
+def test_adapt_comment_says_what_it_returns():
+    line = next(l for l in README.splitlines() if "learner.adapt(" in l)
+    assert "FastWeights" in line and ".flat [T, P]" in line
+
+
+def test_command_line_lists_the_tiny_configs_and_threads():
+    text = section(README, "Command line")
+    assert "sinusoid-tiny" in text and "omniglot-tiny" in text and "--threads N" in text
+
+
+def test_benchmark_tables_moved_to_docs_and_a_speed_summary_stays():
+    bench = (REPO / "docs" / "benchmarks.md").read_text()
+    for title in ("Speed and memory of a meta-step", "Running the benchmarks", "Fused ops", "Data"):
+        assert re.search(rf"^## {title}$", bench, re.M), title
+    results = section(README, "Results")
+    assert "docs/benchmarks.md" in results
+    table_rows = [l for l in README.splitlines() if l.startswith("|")]
+    assert len(table_rows) < 50, len(table_rows)  # the summary tables only
+    speed = section(README, "Speed")
+    bullets = [l for l in speed.splitlines() if l.startswith("- ")]
+    assert 3 <= len(bullets) <= 5 and "docs/benchmarks.md" in speed
+
+
+def test_readme_states_the_guarantees():
+    text = section(README, "What is guaranteed on bad input and faults")
+    for word in ("`.grad` untouched", "checkpoint.prev.pt", "train.lock", "CRC", "one `fastmaml: error: ...`"):
+        assert word in text, word
