@@ -231,7 +231,8 @@ def _all_four(request, c, pool, slope):
 
 def test_bn_small_blocks(request, monkeypatch):
     """Blocks of 32 elements: several loop iterations per (task, channel) and a masked tail
-    (N H W = 3 * 7 * 5 = 105), for both pools."""
+    (N H W = 3 * 7 * 5 = 105 = 3 * 32 + 9; pooled 3 * 3 * 2 = 18), for both pools."""
+    monkeypatch.setattr(tl_layers, "_BN_MIN_BLOCK", 16)
     monkeypatch.setattr(tl_layers, "_BN_MAX_BLOCK", 32)
     for pool in POOLS:
         _all_four(request, _Case(request, torch.float64, pool, 0.2), pool, 0.2)
@@ -290,7 +291,7 @@ def test_conv_cin1_small_blocks_split(request, monkeypatch, stride):
     monkeypatch.setattr(tl_layers, "_CONV_PIX_BLOCK", 16)
     monkeypatch.setattr(tl_layers, "_CONV_SPLIT", 3)
     gen = _gen(request)
-    T, N, O, H, W = 2, 2, 3, 11, 10
+    T, N, O, H, W = 2, 2, 3, 9, 8  # 72 pixels (stride 1) = 4 * 16 + 8; 20 (stride 2) = 16 + 4
     x = _activation(gen, (T, N, 1, H, W), torch.float64)
     w = _randn(gen, T, O, 1, 3, 3)
     b = _randn(gen, T, O)
@@ -301,3 +302,16 @@ def test_conv_cin1_small_blocks_split(request, monkeypatch, stride):
     got = tl_layers.conv2d_cin1_weight_grad(dy, x, stride, 1)
     _, want, _ = ref.conv2d_backward(dy, x, w, stride, 1, need_dx=False, need_dw=True, need_bias=False)
     _check(got, want, torch.float64, "dw")
+
+
+def test_import_without_triton_raises_import_error():
+    """Without triton, importing the module raises ImportError (so that a dispatcher can fall back)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+            "try:\n    import fastmaml.triton.layers\nexcept ImportError as e:\n    print('ImportError', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ImportError") and "triton" in res.stdout, res.stdout

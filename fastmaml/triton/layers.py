@@ -26,8 +26,6 @@ Arithmetic in float32 (float64 for float64 inputs), results stored in the inputs
 Importing this module raises ``ImportError`` when triton is not installed.
 """
 
-from __future__ import annotations
-
 import functools
 from typing import Optional, Tuple
 
@@ -71,17 +69,12 @@ def _row_addr(t, c, n, N, C, HW):
 
 
 @triton.jit
-def _act_deriv(a, slope):
-    """dh/da of the activation: 1 where a > 0, ``slope`` elsewhere (same dtype as ``a``)."""
-    return tl.where(a > 0, 1.0, slope).to(a.dtype)
-
-
-@triton.jit
 def _bn_act(zv, mean, rstd, g, b, slope):
-    """(xh, a, dh/da) for z values ``zv``: xh = (z - mean) rstd, a = g xh + b."""
+    """(xh, a, dh/da) for z values ``zv``: xh = (z - mean) rstd, a = g xh + b; dh/da of the
+    activation is 1 where a > 0, ``slope`` elsewhere."""
     xh = (zv - mean) * rstd
     a = g * xh + b
-    return xh, a, _act_deriv(a, slope)
+    return xh, a, tl.where(a > 0, 1.0, slope).to(a.dtype)
 
 
 @triton.jit
@@ -90,7 +83,7 @@ def _elem_offsets(e, t, c, N, C, H, W):
     HW = H * W
     n = e // HW
     hw = e % HW
-    return _row_addr(t, c, n, N, C, HW) + hw, n, hw // W, hw % W
+    return ((t * N + n.to(tl.int64)) * C + c) * HW + hw, n, hw // W, hw % W  # as _row_addr (inlined)
 
 
 @triton.jit
@@ -106,7 +99,7 @@ def _window_grad(d_ptr, idx_ptr, t, c, n, h, w, m, N, C, Ho, Wo, POOL: tl.conste
         ho = h // 2
         wo = w // 2
         inwin = m & (ho < Ho) & (wo < Wo)
-        ooff = _row_addr(t, c, n, N, C, Ho * Wo) + ho * Wo + wo
+        ooff = ((t * N + n.to(tl.int64)) * C + c) * (Ho * Wo) + ho * Wo + wo  # as _row_addr (inlined)
         ix = tl.load(idx_ptr + ooff, mask=inwin, other=255).to(tl.int32)
         sel = inwin & (ix == (h % 2) * 2 + (w % 2))
         dv = tl.load(d_ptr + ooff, mask=sel, other=0.0).to(ACC)
