@@ -315,3 +315,68 @@ def test_import_without_triton_raises_import_error():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ImportError") and "triton" in res.stdout, res.stdout
+
+
+_COMPILE_CHECK = r'''
+import itertools, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from fastmaml.triton import layers as L
+
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+fails = 0
+
+def comp(fn, dt, consts, warps=4):
+    global fails
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "idx_ptr":
+            sig[name] = "*u8"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dt
+        elif name in ("eps", "slope", "Mtot"):
+            sig[name] = "fp64"
+        else:
+            sig[name] = "i32"
+    try:
+        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=dict(consts)), target=target,
+                           options={"num_warps": warps})
+        assert len(k.asm["cubin"]) > 0
+    except Exception as e:
+        fails += 1
+        print("FAIL", fn.__name__, dt, consts, repr(e)[:2000], flush=True)
+
+for dt, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
+    for pool, (block, warps) in itertools.product((0, 2), ((64, 1), (1024, 4))):
+        base = dict(POOL=pool, ACC=acc, BLOCK=block)
+        comp(L._bn_fwd_kernel, dt, base, warps)
+        comp(L._bn_bwd_kernel, dt, base, warps)
+        for on in (True, False):
+            comp(L._bn_rfwd_kernel, dt, dict(base, HAS_RZ=on, HAS_UG=on, HAS_UB=on), warps)
+            comp(L._bn_rbwd_kernel, dt, dict(base, HAS_RDOUT=on, HAS_RZ=on, HAS_UG=on), warps)
+    for stride in (1, 2):
+        conv = dict(STRIDE=stride, PAD=1, KH=3, KW=3, ACC=acc, OB=64, PB=64)
+        comp(L._conv_cin1_fwd_kernel, dt, dict(conv, HAS_BIAS=stride == 1))
+        comp(L._conv_cin1_wgrad_kernel, dt, dict(conv, KB=16))
+print("failures:", fails)
+sys.exit(1 if fails else 0)
+'''
+
+
+@pytest.mark.skipif(os.environ.get("FASTMAML_TRITON_COMPILE_CHECK") != "1",
+                    reason="opt-in (FASTMAML_TRITON_COMPILE_CHECK=1; minutes of CPU): compiles the kernels for a GPU")
+def test_kernels_compile_for_sm90():
+    """The interpreter does not apply the compiler's rules (loop-carried types, constexpr branches,
+    scalar types): compile every kernel, float32 and float64, for sm_90 (H100/H200) through ptxas
+    to a cubin, which needs triton's bundled ptxas but no GPU."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_CHECK, "90"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
