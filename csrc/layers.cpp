@@ -32,6 +32,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace fastmaml {
 namespace layers {
 namespace {
@@ -44,6 +48,25 @@ constexpr int kLanes = 8;  // independent partial sums per reduction (the compil
 inline bool has(const OptT& t) { return t.has_value() && t->defined(); }
 
 Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// Inside our parallel region, the libraries a task's convolution calls must see ONE thread.
+// oneDNN plans a primitive for omp_get_max_threads() threads (still the outer count inside a
+// parallel region) and then, nested, runs only the first thread's share: its weight gradient came
+// out as garbage at 2 threads. nthreads-var is a per-task ICV: setting it here changes nothing
+// outside this parallel region's implicit task, and it is restored anyway.
+struct SingleThreadedLibs {
+#ifdef _OPENMP
+  int prev;
+  SingleThreadedLibs() {
+    // ATen sets this thread's thread count on its first parallel call in the thread (from
+    // at::set_num_threads): let that happen now, not inside the convolution, after our setting.
+    at::internal::lazy_init_num_threads();
+    prev = omp_get_max_threads();
+    omp_set_num_threads(1);
+  }
+  ~SingleThreadedLibs() { omp_set_num_threads(prev); }
+#endif
+};
 
 // ---------------------------------------------------------------------------------------------
 // Convolution: y[t] = conv2d(x[t], w[t]) + b[t]
@@ -78,6 +101,7 @@ Tensor conv2d_tasks_cpu(const Tensor& x_, const Tensor& w_, const OptT& b_, int6
   Tensor y = at::empty({T, N, O, Ho, Wo}, x.options());
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;
+    SingleThreadedLibs one_thread;
     for (int64_t t = t0; t < t1; ++t) {
       y[t].copy_(at::conv2d(x[t], w[t], hb ? b[t] : Tensor(), {stride, stride}, {padding, padding}));
     }
@@ -103,14 +127,28 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_tasks_backward_cpu(const Tensor& dy_, 
     // x only gives the shape when dw is not asked for (and w when dx is not): it may be expanded.
     const Tensor x = need_dw ? x_.contiguous() : x_;
     const Tensor w = need_dx ? w_.contiguous() : w_;
+    const int64_t N = x_.size(1), O = w_.size(1), kh = w_.size(3), kw = w_.size(4);
+    const int64_t Ckk = w_.size(2) * kh * kw, L = dy.size(3) * dy.size(4);
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad;
+      SingleThreadedLibs one_thread;
       for (int64_t t = t0; t < t1; ++t) {
-        auto r = at::convolution_backward(dy[t], x[t], w[t], std::nullopt, {stride, stride},
-                                          {padding, padding}, {1, 1}, false, {0, 0}, 1,
-                                          {need_dx, need_dw, false});
-        if (need_dx) dx[t].copy_(std::get<0>(r));
-        if (need_dw) dw[t].copy_(std::get<1>(r));
+        if (need_dx) {
+          auto r = at::convolution_backward(dy[t], x[t], w[t], std::nullopt, {stride, stride},
+                                            {padding, padding}, {1, 1}, false, {0, 0}, 1,
+                                            {true, false, false});
+          dx[t].copy_(std::get<0>(r));
+        }
+        if (need_dw) {
+          // dw[t] = sum_n dy[t, n] cols[n]^T (im2col + GEMM): oneDNN's weight gradient, run
+          // from several threads at once, returned garbage for some tasks (a race inside it).
+          const Tensor cols = at::im2col(x[t], {kh, kw}, {1, 1}, {padding, padding},
+                                         {stride, stride});  // [N, C*kh*kw, L]
+          const Tensor dyt = dy[t].view({N, O, L});
+          Tensor dwt = dw[t].view({O, Ckk});
+          at::mm_out(dwt, dyt[0], cols[0].t());
+          for (int64_t n = 1; n < N; ++n) dwt.addmm_(dyt[n], cols[n].t());
+        }
       }
     });
   }
