@@ -218,7 +218,7 @@ def main(args) -> int:
     if config["dataset"] == "omniglot" and config["shots"] + queries > 20:
         raise UserError(f"--queries {queries}: Omniglot has 20 drawings per character, shots ({config['shots']}) "
                         "+ queries must be <= 20")
-    ds = make_dataset(config, args.split, args.data, device, queries=queries, seed=seed)
+    ds = make_dataset(config, args.split, args.data, device, queries=queries, seed=seed, can_set=False)
     bar = Progress(episodes, desc=f"eval {config['config']}", enabled=not args.quiet)
     t0 = time.perf_counter()
     try:

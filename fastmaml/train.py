@@ -127,8 +127,9 @@ def build_learner(config: Config, device: torch.device):
 
 
 def make_dataset(config: Config, split: str, root: Optional[str], device: torch.device,
-                 queries: Optional[int] = None, seed: Optional[int] = None):
-    """The task sampler of ``config`` for ``split`` ('train', 'val', 'test')."""
+                 queries: Optional[int] = None, seed: Optional[int] = None, can_set: bool = True):
+    """The task sampler of ``config`` for ``split`` ('train', 'val', 'test'); ``can_set``: the
+    command takes ``--set`` (the data-not-found message suggests ``--set download=true`` then)."""
     try:
         from . import data
     except ImportError as e:  # pragma: no cover - the data layer is part of the package
@@ -157,8 +158,8 @@ def make_dataset(config: Config, split: str, root: Optional[str], device: torch.
         where = " or ".join(e.places)
         detail = f" ({e.detail})" if e.detail else ""
         fix = (f"add --data DIR (the folder holding {dataset}/)"
-               + (" or --set download=true to fetch it" if dataset == "omniglot" and "download" in config
-                  else " (it is not downloaded automatically)"))
+               + (" or --set download=true to fetch it" if dataset == "omniglot" and "download" in config and can_set
+                  else "" if dataset == "omniglot" else " (it is not downloaded automatically)"))
         raise UserError(f"{dataset} data not found: no {e.expected} in {where}{detail}. Fix: {fix}") from None
     except data.PackageFileMissing as e:
         raise UserError(str(e)) from None

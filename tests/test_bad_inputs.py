@@ -62,15 +62,39 @@ def test_int_labels_need_a_task_by_example_shape(classifier):
 
 # -- 2. finite loss, non-finite meta-gradient --------------------------------------------------------
 
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
 @pytest.mark.parametrize("learn_lr", [False, True])
-def test_non_finite_meta_gradient_leaves_grad_untouched(learn_lr):
-    """inner_lr 1e21 in float32: every loss is finite, the second-order terms overflow."""
+def test_non_finite_meta_gradient_leaves_grad_untouched(learn_lr, batching):
+    """inner_lr 1e21 in float32 on the autograd paths: every loss is finite, the second-order terms
+    overflow."""
     torch.manual_seed(0)
-    lrn = fastmaml.MAML(conv_bn(), inner_lr=1e21, inner_steps=1, learn_lr=learn_lr)
+    lrn = fastmaml.MAML(conv_bn(), inner_lr=1e21, inner_steps=1, learn_lr=learn_lr, batching=batching)
     for p in lrn.parameters():
         p.grad = torch.randn_like(p)  # earlier gradients: they must stay as they are
     batch = classification_batch(2, dtype=torch.float32)
     _expect(lrn, FloatingPointError, r"non-finite meta-gradient: .* of 0\.weight .*unchanged", lrn.meta_step, *batch)
+
+
+@pytest.mark.parametrize("where", ["adapted", "lr"])
+def test_any_non_finite_meta_gradient_is_refused_whatever_the_path(where, monkeypatch):
+    """Whatever computed it, a NaN in any gradient (the learnable rate's too) never reaches .grad."""
+    torch.manual_seed(0)
+    lrn = fastmaml.MAML(mlp().double(), inner_lr=0.1, inner_steps=2, learn_lr=True)
+    lrn.meta_step(*regression_batch(2))
+    real = type(lrn.engine).meta_gradient
+
+    def poisoned(self, *a, **k):
+        r = real(self, *a, **k)
+        if where == "adapted":
+            r.theta_grad = r.theta_grad.clone()
+            r.theta_grad[3] = float("nan")
+        else:
+            r.lr_grad = torch.full_like(r.lr_grad, float("inf"))
+        return r
+
+    monkeypatch.setattr(type(lrn.engine), "meta_gradient", poisoned)
+    name = r"0\.weight" if where == "adapted" else r"inner_lr\.lr"
+    _expect(lrn, FloatingPointError, rf"non-finite meta-gradient: .* of {name} ", lrn.meta_step, *regression_batch(2))
 
 
 # -- 3. tied modules and parameters -------------------------------------------------------------------
