@@ -159,3 +159,95 @@ def test_loss_r_backward(kind):
     (gz,) = torch.autograd.grad((f(zl) * seed).sum(), zl, create_graph=True)
     (rref,) = torch.autograd.grad(gz, zl, grad_outputs=rz)
     assert rel([rd], [rref]) < TOL
+
+
+# -- finite differences: each backend's explicit passes against its own forward ---------------------
+# torch.autograd.gradcheck on an autograd.Function whose backward is the kernel's backward checks
+# the backward against central differences of the forward; the R-passes are checked the same way
+# (R{f}(x) = d/de f(x + e r), R{back}(x, d) = d/de back(x + e r, d + e rd)).
+
+from fastmaml.layers import layer_kernels  # noqa: E402
+
+
+def _backends():
+    out = []
+    for name in ("torch", "cpp", "triton"):
+        try:
+            out.append(pytest.param(layer_kernels(torch.device("cpu"), name), id=name))
+        except RuntimeError as e:
+            out.append(pytest.param(None, id=name, marks=pytest.mark.skip(reason=str(e))))
+    return out
+
+
+def _fd(f, x, r, eps=1e-6):
+    """Central difference of f (a tuple-valued function of a tuple) along r."""
+    plus = f(tuple(a + eps * b for a, b in zip(x, r)))
+    minus = f(tuple(a - eps * b for a, b in zip(x, r)))
+    return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+
+
+FD_TOL = 1e-7
+
+
+@pytest.mark.parametrize("K", _backends())
+@pytest.mark.parametrize("slope,pool", [(0.0, 2), (0.2, 0)])
+def test_bn_act_pool_gradcheck_and_r_passes_by_finite_differences(K, slope, pool):
+    g = torch.Generator().manual_seed(21)
+    eps = 1e-3
+    T, N, C, H, W = 2, 3, 2, 5, 4
+    z, gamma, beta = rnd(T, N, C, H, W, g=g), 1 + rnd(T, C, g=g), rnd(T, C, g=g)
+
+    class Block(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z_, g_, b_):
+            out, mean, rstd, idx = K.bn_act_pool_forward(z_, g_, b_, eps, slope, pool)
+            ctx.save_for_backward(z_, g_, b_, mean, rstd, idx if idx is not None else torch.empty(0))
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            z_, g_, b_, mean, rstd, idx = ctx.saved_tensors
+            return K.bn_act_pool_backward(dout.contiguous(), z_, mean, rstd, g_, b_, idx if pool else None, slope, pool)
+
+    # float64 gradcheck (finite differences of the kernel's own forward); keep inputs away from the
+    # ReLU kink and pooling ties: random continuous inputs hit neither at this step size
+    assert torch.autograd.gradcheck(Block.apply, (z.clone().requires_grad_(), gamma.clone().requires_grad_(),
+                                                  beta.clone().requires_grad_()), eps=1e-6, atol=1e-7, fast_mode=True)
+
+    out, mean, rstd, idx = K.bn_act_pool_forward(z, gamma, beta, eps, slope, pool)
+    rz, ug, ub = rnd(T, N, C, H, W, g=g), rnd(T, C, g=g), rnd(T, C, g=g)
+    dout, rdout = rnd(*out.shape, g=g), rnd(*out.shape, g=g)
+    rout, rmean, q = K.bn_act_pool_rforward(rz, z, mean, rstd, gamma, beta, ug, ub, idx, slope, pool)
+    (fd_out,) = _fd(lambda a: (K.bn_act_pool_forward(a[0], a[1], a[2], eps, slope, pool)[0],),
+                    (z, gamma, beta), (rz, ug, ub))
+    assert rel([rout], [fd_out]) < FD_TOL
+
+    def back(a):
+        zz, gg, bb, dd = a
+        _, m, s, i = K.bn_act_pool_forward(zz, gg, bb, eps, slope, pool)
+        return K.bn_act_pool_backward(dd, zz, m, s, gg, bb, i, slope, pool)
+
+    fd = _fd(back, (z, gamma, beta, dout), (rz, ug, ub, rdout))
+    got = K.bn_act_pool_rbackward(dout, rdout, z, rz, mean, rstd, rmean, q, gamma, beta, ug, idx, slope, pool)
+    assert rel(got, fd) < FD_TOL
+
+
+@pytest.mark.parametrize("K", _backends())
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_gradcheck(K, stride):
+    g = torch.Generator().manual_seed(22 + stride)
+    x, w, b = rnd(2, 3, 2, 6, 5, g=g), rnd(2, 3, 2, 3, 3, g=g), rnd(2, 3, g=g)
+
+    class Conv(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x_, w_, b_):
+            ctx.save_for_backward(x_, w_)
+            return K.conv2d_forward(x_, w_, b_, stride, 1)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x_, w_ = ctx.saved_tensors
+            return K.conv2d_backward(dy.contiguous(), x_, w_, stride, 1, True, True, True)
+
+    assert torch.autograd.gradcheck(Conv.apply, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()),
+                                    eps=1e-6, atol=1e-7, fast_mode=True)
