@@ -78,9 +78,12 @@ class MAML(nn.Module):
         backend: 'engine' (task-batched) or 'reference' (the per-task oracle).
         kernels: the fused-op backend for the engine ('auto', 'torch', 'cpp', 'cuda', 'triton');
             None follows ``fastmaml.kernels.set_backend``.
-        batching: how the engine runs the model on T tasks at once: 'vmap' (one batched
-            computation), 'loop' (task after task, into one graph) or 'auto' (loop on the CPU,
-            vmap elsewhere).
+        batching: how the engine runs the model on T tasks at once: 'auto' (the fused path when
+            the model is made of supported layers and the loss is the built-in one, else the
+            generic path: loop on the CPU, vmap elsewhere), 'fused' (the project's task-batched
+            layer kernels with an analytic HVP; an error for an unsupported model), 'vmap' (one
+            batched computation over autograd) or 'loop' (task after task over autograd).
+            ``execution_path`` says which one runs, and for the generic path why.
         cuda_graph: record the engine's meta-step in a CUDA graph on its first call and replay it
             afterwards (``fastmaml/cuda_graph.py``): removes the CPU's launch overhead, which bounds
             small meta-steps on a GPU. Needs a CUDA model, the engine backend, and inputs of one shape
@@ -165,6 +168,14 @@ class MAML(nn.Module):
     @property
     def adapted_names(self) -> Tuple[str, ...]:
         return self.layout.names
+
+    @property
+    def execution_path(self) -> str:
+        """One line: 'fused (<kernels> layer kernels)', or 'generic (<batching>): <why>' naming the
+        module (or the option) that made the engine fall back; 'reference' for the oracle."""
+        if self.backend == "reference":
+            return "reference (per-task loop over autograd)"
+        return self.engine.path()
 
     # -- checks --------------------------------------------------------------------------------
     def _weights(self, steps: int) -> Sequence[float]:
@@ -433,7 +444,7 @@ class MAML(nn.Module):
             want = "[" + ", ".join(str(s) for s in fast.example_shape) + "]"
             raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
         self._check_finite_input("x", x)
-        return self.engine.batched.forward(fast.flat, x)
+        return self.engine.forward(fast.flat, x)
 
     def _check_fast(self, fast: FastWeights) -> None:
         if not isinstance(fast, FastWeights):

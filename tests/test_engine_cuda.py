@@ -43,3 +43,26 @@ def test_engine_matches_reference_on_cuda(net, kernels, K, batching):
     ref, _, _ = run(model, batch, "reference", **kw)
     eng, _, _ = run(model, batch, "engine", kernels=kernels, batching=batching, **kw)
     assert rel_err(eng, ref) <= 1e-10
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "triton"])
+@pytest.mark.parametrize("K,first_order,adapt_bn", [(1, False, True), (3, False, False), (2, True, True)])
+@pytest.mark.parametrize("net", ["conv_bn_pool", "conv_stride_mean", "leaky_plain_bn", "mlp_bn"])
+def test_fused_path_matches_reference_on_cuda(net, K, first_order, adapt_bn, layer_kernels):
+    """The fused path on the GPU (cuDNN grouped convolutions, Triton or torch BatchNorm blocks, the
+    R-operator HVP) against the per-task reference on the same device, float64."""
+    from fastmaml.layers import layer_kernels as pick
+    from test_fused_engine import CLASSIFIERS, cls_batch, randomize
+
+    try:
+        pick(torch.device("cuda"), layer_kernels)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    model = randomize(CLASSIFIERS[net]().double(), 3).cuda()
+    batch = tuple(t.cuda() for t in cls_batch(T=4, seed=5))
+    kw = dict(inner_lr=0.2, inner_steps=K, first_order=first_order, adapt_bn=adapt_bn, learn_lr=True,
+              lr_mode="per_layer_per_step")
+    ref, _, _ = run(model, batch, "reference", **kw)
+    eng, _, learner = run(model, batch, "engine", kernels=layer_kernels, batching="fused", **kw)
+    assert learner.execution_path.startswith(f"fused ({layer_kernels}")
+    assert rel_err(eng, ref) <= 1e-10
