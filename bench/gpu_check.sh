@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (H100; torch 2.11 + CUDA 13, triton 3.6, python 3.12,
-# no internet). Budget: about 8 minutes (7.7 on 2026-11-26), every step time-boxed, so that a step that hangs
-# or fails leaves the others their time. Everything it produces goes under $OUT (default
+# One prepared check for a lent GPU machine (H100 or H200; torch 2.11 + CUDA 13, triton 3.6, python
+# 3.12, no internet). Budget: about 9 minutes, every step time-boxed, so that a step that hangs or
+# fails leaves the others their time. Everything it produces goes under $OUT (default
 # bench/results/gpu-<date>), at most 8 files:
 #   log.txt        the machine, each step's outcome and time, the benchmark tables
 #   build.log      building fastmaml._C with its CUDA kernels (sm_90)
-#   tests.log      kernel tests on every backend (Triton compiled), CUDA-graph tests
-#   meta_step_standard_<gpu>.json   the standard workload (Omniglot 5-way 1-shot, T=32, K=1 and 5):
-#                  the engine, the engine in a CUDA graph, the reference, torch.func, and
-#                  learn2learn / higher / TorchOpt from the wheels carried in carry/wheels
+#   tests.log      kernel tests on every backend (Triton compiled), the layer kernels, the engine's
+#                  fused and generic paths against the reference on CUDA in float64, CUDA-graph tests
+#   layers_gpu_<gpu>.json           the Triton layer kernels against their torch reference
+#   meta_step_standard_<gpu>.json   the standard workload (Omniglot 5-way 1-shot, 15 queries, T=32,
+#                  K=1 and 5) and the omniglot-5w1s training workload (1 query per class): the fused
+#                  engine, eager and in a CUDA graph, the generic (vmap) engine, the reference,
+#                  torch.func, and learn2learn / higher / TorchOpt from the wheels in carry/wheels
 #   meta_step_sweep_<gpu>.json      the sweep: T in 4 16 32 64, K in 1 5 10 20 (see step 6)
 #   profile_*.json the profile of the engine's meta-step, eager and in a CUDA graph
 # Without a GPU it says so and exits 0, so it can be rehearsed on any machine.
@@ -75,18 +78,24 @@ import sys; sys.path.insert(0, 'bench')
 import baselines; print('baselines:', baselines.available(), baselines.versions())" 2>&1 | tee -a "$LOG"
 
 # 3. Tests that exercise the GPU, in parallel workers (a crashed worker fails its test, not the run).
-TRITON_INTERPRET=0 timeout 80 python -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda_graph.py \
-  tests/test_engine_cuda.py tests/test_kernels.py tests/test_triton_kernels.py tests/test_cpp_kernels.py >"$OUT/tests.log" 2>&1
-say "== tests (engine vs reference on CUDA, cuda graph, kernels on every backend, triton compiled): rc=$? : $(tail -n 1 "$OUT/tests.log")"
+TRITON_INTERPRET=0 timeout 120 python -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda_graph.py \
+  tests/test_engine_cuda.py tests/test_kernels.py tests/test_triton_kernels.py tests/test_cpp_kernels.py \
+  tests/test_layers_triton.py >"$OUT/tests.log" 2>&1
+say "== tests (fused and generic engine vs reference on CUDA, cuda graph, kernels on every backend, triton layer kernels compiled): rc=$? : $(tail -n 1 "$OUT/tests.log")"
+
+# 3b. The Triton layer kernels against their torch reference (cuDNN / ATen), float32, conv4 shapes.
+step "layer kernels" 45 python bench/bench_layers_gpu.py --repeats 5 --out "$OUT"
 
 # 4. The standard workload against everything. --budget ends each benchmark cleanly with what it
 #    measured; the step's own limit is only a backstop.
 #    Every meta-gradient is checked against the reference computed in float64; TF32 is off.
-step "standard workload" 165 python bench/bench_meta_step.py --device cuda --tasks 32 --steps 1 5 --repeats 5 --warmup 1 \
-  --group --impls reference,engine,engine-graph,torch_func,learn2learn,higher,torchopt \
-  --timeout 40 --budget 150 --name meta_step_standard --out "$OUT"
+#    engine = the fused path (auto), engine-vmap = the generic path it replaces.
+step "standard workload" 200 python bench/bench_meta_step.py --device cuda --tasks 32 --steps 1 5 --repeats 5 --warmup 1 \
+  --group --workloads omniglot-5w1s omniglot-5w1s-train \
+  --impls reference,engine,engine-graph,engine-vmap,torch_func,learn2learn,higher,torchopt \
+  --timeout 40 --budget 185 --name meta_step_standard --out "$OUT"
 
-# 5. Where the time goes.
+# 5. Where the time goes (the fused path).
 step "profile engine" 25 python bench/profile_meta_step.py --device cuda --impl engine --out "$OUT"
 step "profile engine-graph" 25 python bench/profile_meta_step.py --device cuda --impl engine-graph --out "$OUT"
 
@@ -100,10 +109,10 @@ step "sweep sinusoid" 60 python bench/bench_meta_step.py $GRID --tasks 4 16 32 6
   --impls engine,engine-graph,torch_func --budget 45 --name sin --out $SW
 step "sweep sinusoid learn2learn" 45 python bench/bench_meta_step.py $GRID --tasks 4 16 --workloads sinusoid \
   --repeats 1 --impls engine-graph,learn2learn --budget 30 --name sin_l2l --out $SW
-step "sweep omniglot-5w1s" 90 python bench/bench_meta_step.py $GRID --tasks 4 16 32 64 --workloads omniglot-5w1s \
-  --repeats 2 --impls engine,engine-graph,torch_func --budget 75 --name o5 --out $SW
-step "sweep omniglot-20w5s" 75 python bench/bench_meta_step.py $GRID --tasks 4 16 32 64 --workloads omniglot-20w5s \
-  --repeats 2 --impls engine,engine-graph --budget 60 --name o20 --out $SW
+step "sweep omniglot-5w1s" 75 python bench/bench_meta_step.py $GRID --tasks 4 16 32 64 --workloads omniglot-5w1s \
+  --repeats 2 --impls engine,engine-graph,torch_func --budget 60 --name o5 --out $SW
+step "sweep omniglot-20w5s" 60 python bench/bench_meta_step.py $GRID --tasks 4 16 32 64 --workloads omniglot-20w5s \
+  --repeats 2 --impls engine,engine-graph --budget 45 --name o20 --out $SW
 TAG=$(python -c 'import sys; sys.path.insert(0, "bench"); from common import device_tag; print(device_tag("cuda"))')
 step "merge sweep" 20 python bench/merge_results.py "$OUT/meta_step_sweep_$TAG.json" $SW/sin_l2l_*.json \
   $SW/sin_$TAG.json $SW/o5_*.json $SW/o20_*.json
