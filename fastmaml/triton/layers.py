@@ -752,7 +752,8 @@ def _weight_grad(dy: Tensor, x: Tensor, stride: int, padding: int) -> Tensor:
     if _CONV_SPLIT is not None:
         split = max(1, min(nblocks, int(_CONV_SPLIT)))
     elif x.is_cuda:
-        target = _CONV_PROGRAMS_PER_SM * _sm_count(x.device.index or 0)
+        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        target = _CONV_PROGRAMS_PER_SM * _sm_count(dev)
         split = max(1, min(nblocks, triton.cdiv(target, T * N)))
     else:
         split = 1
