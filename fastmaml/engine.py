@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -195,6 +195,96 @@ class Engine:
             iterates.append(theta)
         return iterates, grads, kept
 
+    # -- the inner loop and its reverse pass ----------------------------------------------------
+    def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+                   loss_fn: Optional[LossFn] = None, memory: str = "store", query_examples: int = 0) -> "InnerLoop":
+        """The K inner steps for all tasks from the meta-parameters: theta_K [T, P] (detached) and
+        what ``reverse`` needs (the iterates or their checkpoints, the support gradients, and the
+        stored HVP states). ``query_examples`` sizes the store budget (0: keep only the last state)."""
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        K, T = steps, support_x.shape[0]
+        theta0 = self.theta()
+        dtype, device = theta0.dtype, theta0.device
+        ops = kernels.ops_for(theta0, self.kernel_backend)
+        lr = self.inner_lr.lr.detach().to(dtype)
+        support_losses = torch.full((K, T), float("nan"), dtype=dtype, device=device)
+        fused = self.uses_fused(loss_fn)
+        c = K if memory == "store" else max(1, math.ceil(math.sqrt(K)))
+        checkpoints: List[Tensor] = [theta0]
+        stored_grads: List[Tensor] = []
+        kept: Dict[int, object] = {}
+        theta = theta0
+        for k0 in range(0, K, c):
+            k1 = min(K, k0 + c)
+            last = not first_order and k1 == K
+            policy = ("budget" if fused and memory == "store" else "last") if last else False
+            its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
+                                                    keep_states=policy, support_losses=support_losses,
+                                                    query_examples=query_examples)
+            kept.update(kept_here)
+            if memory == "store":
+                checkpoints, stored_grads = its[:-1], gs
+            elif k1 < K:
+                checkpoints.append(its[-1])
+            theta = its[-1]
+        if theta.dim() == 1:
+            theta = theta.expand(T, -1)
+        return InnerLoop(K, first_order, memory, loss_fn, support_x, support_y, lr, ops, c, checkpoints,
+                         stored_grads, kept, theta, support_losses)
+
+    def reverse(self, loop: "InnerLoop", v: Tensor,
+                query_step: Optional[Callable[[Tensor, int], Optional[Tensor]]] = None):
+        """The meta-gradient of an outer objective J whose gradient at theta_K is ``v`` [T, P]
+        (engine.md section 2): (dJ/dtheta [P], the shared parameters' terms {name: tensor}, dJ/dlr or
+        None). ``query_step(theta_k, k)`` may add the gradient of J's terms at theta_k (the
+        multi-step loss) for 1 <= k < K. ``loop`` is consumed (its stored states are released)."""
+        K, c, ops, lr = loop.steps, loop.c, loop.ops, loop.lr
+        sx, sy, loss_fn = loop.support_x, loop.support_y, loop.loss_fn
+        device = v.device
+        shared = self.shared_params()
+        shared_names, shared_list = list(shared.keys()), list(shared.values())
+        shared_grads = [torch.zeros_like(p) for p in shared_list]
+        learn_lr = self.inner_lr.learnable
+        lr_grad = torch.zeros_like(lr) if learn_lr else None
+        kept = loop.kept
+        for k0 in reversed(range(0, K, c)):
+            k1 = min(K, k0 + c)
+            if loop.memory == "store":
+                its, gs = loop.checkpoints, loop.stored_grads
+            else:
+                its, gs, _ = self.forward_steps(loop.checkpoints[k0 // c], k0, k1, sx, sy, loss_fn,
+                                                lr, ops, keep_states=False, support_losses=None)
+            for k in reversed(range(k0, k1)):
+                theta_k = its[k - k0]
+                rate, seg = self._rate(k, lr, device)
+                hv = g = None
+                if not loop.first_order:
+                    state = kept.pop(k, None)
+                    g = gs[k - k0]
+                    if state is None:
+                        with record_function("fastmaml.support_grad"):
+                            g, _, state = self.support_grad(theta_k, sx, sy, loss_fn, create_graph=True)
+                    u = ops.scale(v, rate, seg)
+                    with record_function("fastmaml.hvp"):
+                        hv, terms = self.hvp(state, u, shared_list, shared_names)
+                    del state
+                    for acc, gp in zip(shared_grads, terms):
+                        if gp is not None:
+                            acc.sub_(gp)
+                    g = g.detach()
+                elif learn_lr:
+                    g = gs[k - k0]
+                gq = query_step(theta_k, k) if (query_step is not None and k >= 1) else None
+                if g is not None:
+                    v, d_rate = ops.reverse_step(v, hv, g, gq, 1.0, rate, seg)
+                    if learn_lr:
+                        self.inner_lr.accumulate(lr_grad, k, d_rate)
+                elif gq is not None:
+                    v = v + gq
+        theta_grad = v.sum(0) if v.dim() == 2 else v
+        return theta_grad, dict(zip(shared_names, shared_grads)), lr_grad
+
     # -- the meta-gradient -----------------------------------------------------------------------
     def meta_gradient(
         self,
@@ -208,43 +298,14 @@ class Engine:
         loss_fn: Optional[LossFn] = None,
         memory: str = "store",
     ) -> EngineResult:
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         K, T = steps, support_x.shape[0]
-        theta0 = self.theta()
-        dtype, device = theta0.dtype, theta0.device
-        ops = kernels.ops_for(theta0, self.kernel_backend)
-        lr = self.inner_lr.lr.detach().to(dtype)
-        shared = self.shared_params()
-        shared_names = list(shared.keys())
-        shared_list = list(shared.values())
-        shared_grads = [torch.zeros_like(p) for p in shared_list]
-        learn_lr = self.inner_lr.learnable
-        lr_grad = torch.zeros_like(lr) if learn_lr else None
-        support_losses = torch.full((K, T), float("nan"), dtype=dtype, device=device)
+        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, query_x.shape[1])
+        dtype, device = loop.theta_K.dtype, loop.theta_K.device
         query_all = torch.full((K + 1, T), float("nan"), dtype=dtype, device=device)
+        shared = self.shared_params()
+        shared_names, shared_list = list(shared.keys()), list(shared.values())
+        query_shared = {n: torch.zeros_like(p) for n, p in shared.items()}
         fused = self.uses_fused(loss_fn)
-
-        # Forward: the iterates (all of them, or checkpoints every c steps).
-        c = K if memory == "store" else max(1, math.ceil(math.sqrt(K)))
-        checkpoints: List[Tensor] = [theta0]
-        stored_grads: List[Tensor] = []
-        kept: Dict[int, object] = {}
-        theta = theta0
-        for k0 in range(0, K, c):
-            k1 = min(K, k0 + c)
-            last = not first_order and k1 == K
-            policy = ("budget" if fused and memory == "store" else "last") if last else False
-            its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
-                                                    keep_states=policy, support_losses=support_losses,
-                                                    query_examples=query_x.shape[1])
-            kept.update(kept_here)
-            if memory == "store":
-                checkpoints, stored_grads = its[:-1], gs
-            elif k1 < K:
-                checkpoints.append(its[-1])
-            theta = its[-1]
-        theta_K = theta
 
         @record_function("fastmaml.query_grad")
         def query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -254,72 +315,41 @@ class Engine:
                 r = self._fused_for(query_x.device).grad(theta_k.detach(), query_x, query_y, scale=scale,
                                                          shared=bool(shared_list))
                 query_all[k] = r.losses
-                for acc, name in zip(shared_grads, shared_names):
-                    if name in r.shared:
-                        acc.add_(r.shared[name])
+                for name, gp in r.shared.items():
+                    query_shared[name].add_(gp)
                 return r.grad, r.pred
             leaf = theta_k.detach().requires_grad_(True)
             losses, pred = self._losses(leaf, query_x, query_y, loss_fn)
             query_all[k] = losses.detach()
             grads = torch.autograd.grad(losses.sum() * scale, [leaf] + shared_list, allow_unused=True)
-            for acc, gp in zip(shared_grads, grads[1:]):
+            for name, gp in zip(shared_names, grads[1:]):
                 if gp is not None:
-                    acc.add_(gp)
+                    query_shared[name].add_(gp)
             return grads[0], pred
 
-        v, pred_K = query_grad(theta_K, K)
+        v, pred_K = query_grad(loop.theta_K, K)
         objective_terms = [weights[K - 1] * query_all[K]]
 
-        # Reverse, one stretch between two checkpoints at a time.
-        for k0 in reversed(range(0, K, c)):
-            k1 = min(K, k0 + c)
-            if memory == "store":
-                its, gs = checkpoints, stored_grads
-            else:
-                its, gs, _ = self.forward_steps(checkpoints[k0 // c], k0, k1, support_x, support_y, loss_fn,
-                                                lr, ops, keep_states=False, support_losses=None)
-            for k in reversed(range(k0, k1)):
-                theta_k = its[k - k0]
-                rate, seg = self._rate(k, lr, device)
-                hv = g = None
-                if not first_order:
-                    state = kept.pop(k, None)
-                    g = gs[k - k0]
-                    if state is None:
-                        with record_function("fastmaml.support_grad"):
-                            g, _, state = self.support_grad(theta_k, support_x, support_y, loss_fn, create_graph=True)
-                    u = ops.scale(v, rate, seg)
-                    with record_function("fastmaml.hvp"):
-                        hv, terms = self.hvp(state, u, shared_list, shared_names)
-                    del state
-                    for acc, gp in zip(shared_grads, terms):
-                        if gp is not None:
-                            acc.sub_(gp)
-                    g = g.detach()
-                elif learn_lr:
-                    g = gs[k - k0]
-                gq = None
-                if k >= 1 and weights[k - 1] != 0.0:
-                    gq, _ = query_grad(theta_k, k)
-                    objective_terms.append(weights[k - 1] * query_all[k])
-                if g is not None:
-                    v, d_rate = ops.reverse_step(v, hv, g, gq, 1.0, rate, seg)
-                    if learn_lr:
-                        self.inner_lr.accumulate(lr_grad, k, d_rate)
-                elif gq is not None:
-                    v = v + gq
+        def query_step(theta_k: Tensor, k: int) -> Optional[Tensor]:
+            if weights[k - 1] == 0.0:
+                return None
+            gq, _ = query_grad(theta_k, k)
+            objective_terms.append(weights[k - 1] * query_all[k])
+            return gq
 
-        theta_grad = v.sum(0) if v.dim() == 2 else v
+        theta_grad, shared_grads, lr_grad = self.reverse(loop, v, query_step)
+        for name, gp in query_shared.items():
+            shared_grads[name].add_(gp)
         objective = torch.stack(objective_terms).sum(0).mean()
         accuracy = task_accuracy(pred_K.detach(), query_y) if is_classification(query_y) else None
         return EngineResult(
             objective=objective,
             query_losses=query_all[K].clone(),
             query_accuracy=accuracy,
-            support_losses=support_losses,
+            support_losses=loop.support_losses,
             query_losses_all=query_all,
             theta_grad=theta_grad,
-            shared_grads=dict(zip(shared.keys(), shared_grads)),
+            shared_grads=shared_grads,
             lr_grad=lr_grad,
         )
 
@@ -336,3 +366,23 @@ class Engine:
         if theta.dim() == 1:
             theta = theta.expand(support_x.shape[0], -1)
         return theta.detach(), losses
+
+
+@dataclass
+class InnerLoop:
+    """What ``Engine.inner_loop`` leaves for ``Engine.reverse``."""
+
+    steps: int
+    first_order: bool
+    memory: str
+    loss_fn: Optional[LossFn]
+    support_x: Tensor
+    support_y: Tensor
+    lr: Tensor
+    ops: object
+    c: int                      # checkpoint spacing (K in store mode)
+    checkpoints: List[Tensor]   # store: theta_0..theta_{K-1}; recompute: every c-th iterate
+    stored_grads: List[Tensor]  # store: g_0..g_{K-1}
+    kept: Dict[int, object]     # step -> HVP state kept from the forward
+    theta_K: Tensor             # [T, P], detached
+    support_losses: Tensor      # [K, T]
