@@ -43,7 +43,7 @@ KERNELS = ("auto", "torch", "cpp", "cuda", "triton")
 KEYS: Dict[str, Key] = {
     # what is learned
     "dataset": Key("the task distribution", choices=("sinusoid", "omniglot", "miniimagenet"), settable=False),
-    "model": Key("the network", choices=("mlp", "conv4"), settable=False),
+    "model": Key("the network", choices=("mlp", "conv4", "mlp_bn"), settable=False),
     "ways": Key("classes per task (N-way)", min=2),
     "shots": Key("support examples per class (K-shot); support points for sinusoid", min=1),
     "queries": Key("query examples per class in training; query points for sinusoid", min=1),
@@ -150,6 +150,12 @@ def _build() -> Dict[str, Tuple[str, Config]]:
     for shots in (1, 5):
         cfg = dict(_MINIIMAGENET, shots=shots)
         out[f"miniimagenet-5w{shots}s"] = (f"mini-ImageNet 5-way {shots}-shot, conv4 32 filters", cfg)
+    # The paper's "MAML, no conv" row (section 5.2): hidden 256-128-64-64, each Linear + BN + ReLU.
+    for shots in (1, 5):
+        cfg = {k: v for k, v in _OMNIGLOT.items() if k != "max_pool"}
+        cfg.update(model="mlp_bn", hidden=[256, 128, 64, 64], shots=shots, queries=shots)
+        out[f"omniglot-mlp-5w{shots}s"] = (f"Omniglot 5-way {shots}-shot, no convolutions: MLP 256-128-64-64 "
+                                           "with BatchNorm (paper section 5.2)", cfg)
     for name in list(out):
         desc, cfg = out[name]
         out[f"{name}-fo"] = (desc + ", first-order MAML", dict(cfg, first_order=True))

@@ -7,6 +7,9 @@
   ``Linear(32 * 25, ways)``). With ``max_pool=False`` the blocks use stride-2 convolutions instead
   and the last feature map is averaged over space, as the paper's public code does for Omniglot.
 * :func:`mlp`: the sinusoid regressor, 1-40-40-1 with ReLU.
+* :func:`mlp_bn`: the paper's Omniglot network without convolutions (section 5.2): the flattened
+  image through hidden layers of 256, 128, 64, 64 units, each Linear + BatchNorm + ReLU, then the
+  output layer. An ``nn.Sequential`` of supported layers, so the engine runs it on the fused path.
 
 BatchNorm has ``track_running_stats=False``: like the paper, it always normalizes with the statistics
 of the current batch (one task's support or query set), in training and at test time alike.
@@ -20,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["conv4", "mlp", "Conv4", "build"]
+__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "build"]
 
 
 def _pooled_side(size: int, blocks: int, max_pool: bool) -> int:
@@ -80,10 +83,28 @@ def mlp(hidden: Sequence[int] = (40, 40), in_features: int = 1, out_features: in
     return nn.Sequential(*layers)
 
 
+def mlp_bn(ways: int, hidden: Sequence[int] = (256, 128, 64, 64), in_features: int = 28 * 28) -> nn.Sequential:
+    """The MAML paper's non-convolutional Omniglot classifier (section 5.2): Flatten, then for each
+    width in ``hidden`` Linear + BatchNorm1d (batch statistics, ``track_running_stats=False``) + ReLU,
+    then ``Linear(hidden[-1], ways)``."""
+    if ways < 1 or in_features < 1 or not hidden or any(h < 1 for h in hidden):
+        raise ValueError(f"mlp_bn: ways, in_features and every hidden width must be >= 1, got "
+                         f"{ways}, {in_features}, {list(hidden)}")
+    layers: list = [nn.Flatten()]
+    widths = [in_features, *hidden]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], ways))
+    return nn.Sequential(*layers)
+
+
 def build(config) -> nn.Module:
     """The network a config names (``model``, ``hidden``, ``ways``, ``image_size``, ``max_pool``)."""
     if config["model"] == "mlp":
         return mlp(tuple(config["hidden"]))
+    if config["model"] == "mlp_bn":
+        channels = 3 if config["dataset"] == "miniimagenet" else 1
+        return mlp_bn(config["ways"], tuple(config["hidden"]), channels * config["image_size"] ** 2)
     if config["model"] == "conv4":
         channels = 3 if config["dataset"] == "miniimagenet" else 1
         return conv4(config["ways"], config["hidden"], channels, config.get("max_pool", True), config["image_size"])
