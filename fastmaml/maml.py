@@ -8,10 +8,12 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .cuda_graph import GraphedMetaGradient, graph_key
 from .engine import MEMORY_MODES, Engine, EngineResult
 from .functional import LossFn, batch_statistics, is_classification, task_accuracy, task_losses
+from .functional_api import GeneralEngine, adapt_with_graph, as_inputs, is_general, num_tasks, resolve_loss
 from .inner_lr import InnerLR
 from .layout import AdaptSpec, FlatLayout, check_unshared, select_adapted
 from .reference import maml as reference
@@ -72,7 +74,10 @@ class MAML(nn.Module):
         adapt: which parameters the inner loop adapts: None (all trainable ones, BatchNorm affine
             parameters only when ``adapt_bn``), a list of names, or a predicate ``(name, param)``.
             The others are still meta-learned, through the inner loop.
-        adapt_bn: adapt BatchNorm's scale and shift (the MAML paper does not).
+        adapt_bn: adapt BatchNorm's scale and shift in the inner loop. Default False, the MAML paper's
+            choice: they are meta-learned (through the inner loop) but not adapted. learn2learn and higher
+            adapt every parameter: pass ``adapt_bn=True`` to get their meta-gradient (the default gives
+            another one; on learn2learn's Omniglot example it differs by about 6%).
         multi_step_weights: w_1..w_K of the multi-step loss (MAML++); default: only w_K = 1.
         memory: 'store' (keep the K iterates) or 'recompute' (keep about sqrt(K) checkpoints).
         backend: 'engine' (task-batched) or 'reference' (the per-task oracle).
@@ -350,6 +355,7 @@ class MAML(nn.Module):
         steps = self._steps(steps)
         weights = self._weights(steps)
         self._check_deterministic("meta_step")
+        loss_fn = resolve_loss(loss_fn, support_y)
         self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
                            loss_fn)
         if self.backend == "reference":
@@ -394,13 +400,36 @@ class MAML(nn.Module):
 
     # -- evaluation ----------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None,
-              loss_fn: Optional[LossFn] = None) -> FastWeights:
+              loss_fn: Optional[LossFn] = None, create_graph: bool = False) -> FastWeights:
         """The fast weights of every task after ``steps`` inner steps (default: ``inner_steps``;
-        0 gives the meta-parameters themselves, for the before-adaptation baseline)."""
+        0 gives the meta-parameters themselves, for the before-adaptation baseline).
+
+        ``create_graph=True``: the fast weights stay connected to the meta-parameters (the adapted
+        ones, learnable inner rates, and the parameters the inner loop does not adapt): build any outer
+        objective from ``learner(fast, query_x)`` and call ``backward()`` once; its backward is the
+        engine's reverse pass (second order unless ``first_order``), so memory does not grow with the
+        steps. ``create_graph=False`` (default): detached fast weights, as before.
+
+        General losses (see :mod:`fastmaml.functional_api`): ``support_x`` may be a tuple of tensors
+        [T, N, ...] (a model with several inputs), ``support_y`` any pytree of [T, ...] tensors (targets
+        with masks, extra data) read by ``loss_fn(pred, batch)``, called per task (vmapped, or task
+        after task when vmap cannot run it). ``nn.CrossEntropyLoss()`` / ``nn.MSELoss()`` with default
+        settings run as the built-in losses."""
         steps = self._steps(steps, least=0)
         self._check_deterministic("adapt")
+        if not isinstance(create_graph, bool):
+            raise TypeError(f"create_graph must be a bool, got {create_graph!r} ({type(create_graph).__name__})")
+        loss_fn = resolve_loss(loss_fn, support_y)
+        if is_general(support_x, support_y):
+            return self._adapt_general(support_x, support_y, steps, loss_fn, create_graph)
         self._check_inputs((("support_x", support_x, "support_y", support_y),), loss_fn)
-        if self.backend == "reference":
+        if create_graph:
+            if self.backend == "reference":
+                raise ValueError("adapt(create_graph=True) runs on backend='engine' (its backward is the engine's "
+                                 "reverse pass); the reference backend is the per-task oracle of meta_step")
+            engine = self.engine if loss_fn is None else self._general_engine()
+            flat, losses = adapt_with_graph(self, engine, support_x, support_y, steps, loss_fn, self.memory)
+        elif self.backend == "reference":
             flat, losses = self._reference_adapt(support_x, support_y, steps, loss_fn)
         else:
             flat, losses = self.engine.adapt(support_x, support_y, steps, loss_fn)
@@ -411,6 +440,59 @@ class MAML(nn.Module):
             raise FloatingPointError("non-finite fast weights after the inner steps although the support losses "
                                      "are finite (an inner_lr or inputs too large?)")
         return FastWeights(flat, losses, self._identity, self.layout, tuple(support_x.shape[2:]))
+
+    def _general_engine(self):
+        """The engine for several inputs, pytree targets and custom losses (made on first use)."""
+        eng = self.__dict__.get("_general")
+        if eng is None:
+            eng = GeneralEngine(self.model, self.layout, self.inner_lr, self.engine.kernel_backend,
+                                self.engine.batched.batching)
+            self.__dict__["_general"] = eng
+        return eng
+
+    def _adapt_general(self, sx, sy, steps: int, loss_fn, create_graph: bool) -> FastWeights:
+        if self.backend == "reference":
+            raise ValueError("several inputs and targets other than one tensor run on backend='engine'")
+        sx = as_inputs(sx)
+        ref = self._reference_param()
+        T = num_tasks((sx, sy))
+        if T == 0:
+            raise ValueError("the task batch is empty (T = 0)")
+        for t in pytree.tree_leaves((sx, sy)):
+            if isinstance(t, Tensor) and t.device != ref.device:
+                raise ValueError(f"an input or target is on {t.device} but the model is on {ref.device}")
+        eng = self._general_engine()
+        if create_graph:
+            flat, losses = adapt_with_graph(self, eng, sx, sy, steps, loss_fn, self.memory)
+        else:
+            flat, losses = eng.adapt(sx, sy, steps, loss_fn)
+        if not bool(torch.isfinite(losses).all()):
+            k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
+            raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
+        example = tuple(sx.shape[2:]) if isinstance(sx, Tensor) else None
+        return FastWeights(flat, losses, self._identity, self.layout, example)
+
+    def forward(self, fast: FastWeights, x) -> Tensor:
+        """``learner(fast, x)``: outputs [T, M, ...] of each task's adapted model on x [T, M, ...] (or
+        a tuple of such inputs), differentiable with respect to ``fast.flat`` (when ``adapt`` ran with
+        ``create_graph=True``: the meta-parameters) and the parameters that are not adapted. Without
+        autograd (``torch.no_grad()``), the same as :meth:`predict`."""
+        self._check_fast(fast)
+        x = as_inputs(x)
+        T = fast.num_tasks
+        if num_tasks(x) != T:
+            raise ValueError(f"x has {num_tasks(x)} tasks but fast holds {T} tasks' weights")
+        graph = torch.is_grad_enabled() and (fast.flat.requires_grad
+                                             or any(p.requires_grad for p in self.model.parameters()))
+        if not graph and isinstance(x, Tensor):
+            return self.predict(fast, x)
+        if isinstance(x, Tensor):
+            self._check_x("x", x, self._reference_param())
+            if fast.example_shape is not None and tuple(x.shape[2:]) != tuple(fast.example_shape):
+                want = "[" + ", ".join(str(s) for s in fast.example_shape) + "]"
+                raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
+            return self.engine.batched.forward(fast.flat, x)
+        return self._general_engine().batched.forward(fast.flat, x)
 
     def _reference_adapt(self, sx, sy, steps, loss_fn):
         loss_fn = loss_fn or (torch.nn.functional.cross_entropy if is_classification(sy) else torch.nn.functional.mse_loss)
