@@ -250,10 +250,16 @@ class FusedModel:
                 s["rx"] = r
                 uw, ub = U.get(node.weight), (U.get(node.bias) if node.bias else None)
                 w = params[node.weight]
-                rz = None if r is None else K.conv2d_forward(r, w, None, node.stride, node.padding)
-                if uw is not None:
-                    t = K.conv2d_forward(s["x"], uw, None, node.stride, node.padding)
-                    rz = t if rz is None else rz + t
+                if r is not None and uw is not None:
+                    # conv(R{x}, w) + conv(x, u_w) as one convolution over the stacked input channels
+                    rz = K.conv2d_forward(torch.cat([r, s["x"]], dim=2), torch.cat([w, uw], dim=2), None,
+                                          node.stride, node.padding)
+                elif r is not None:
+                    rz = K.conv2d_forward(r, w, None, node.stride, node.padding)
+                elif uw is not None:
+                    rz = K.conv2d_forward(s["x"], uw, None, node.stride, node.padding)
+                else:
+                    rz = None
                 if ub is not None:
                     ubv = ub[:, None, :, None, None]
                     rz = ubv.expand(s["yshape"]) if rz is None else rz + ubv
@@ -308,15 +314,25 @@ class FusedModel:
                 w, dy = params[node.weight], s["d"]
                 uw = U.get(node.weight)
                 want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
+                rx, x = s["rx"], s["x"]
                 rdx = rdw = rdb = None
-                if rd is not None:
-                    rdx, rdw, rdb = K.conv2d_backward(rd, s["x"], w, node.stride, node.padding, need_dx, want_w, want_b)
-                if need_dx and uw is not None:
-                    t = K.conv2d_backward(dy, s["x"], uw, node.stride, node.padding, True, False, False)[0]
-                    rdx = t if rdx is None else rdx + t
-                if want_w and s["rx"] is not None:
-                    t = K.conv2d_backward(dy, s["rx"], w, node.stride, node.padding, False, True, False)[1]
-                    rdw = t if rdw is None else rdw + t
+                if rd is not None and need_dx and uw is not None:
+                    # conv^T(R{dy}, w) + conv^T(dy, u_w): one transposed convolution over the stacked
+                    # output channels
+                    rdx = K.conv2d_backward(torch.cat([rd, dy], dim=2), x, torch.cat([w, uw], dim=1),
+                                            node.stride, node.padding, True, False, False)[0]
+                elif need_dx and (rd is not None or uw is not None):
+                    src, wt = (rd, w) if rd is not None else (dy, uw)
+                    rdx = K.conv2d_backward(src, x, wt, node.stride, node.padding, True, False, False)[0]
+                if want_w and rd is not None and rx is not None:
+                    # wgrad(x, R{dy}) + wgrad(R{x}, dy): one weight gradient over the stacked examples
+                    rdw = K.conv2d_backward(torch.cat([rd, dy], dim=1), torch.cat([x, rx], dim=1), w,
+                                            node.stride, node.padding, False, True, False)[1]
+                elif want_w and (rd is not None or rx is not None):
+                    src, inp = (rd, x) if rd is not None else (dy, rx)
+                    rdw = K.conv2d_backward(src, inp, w, node.stride, node.padding, False, True, False)[1]
+                if want_b and rd is not None:
+                    rdb = rd.sum(dim=(1, 3, 4))
                 put(node.weight if want_w else None, rdw)
                 put(node.bias if want_b else None, rdb)
                 rd = rdx
