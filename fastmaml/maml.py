@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +93,17 @@ class MAML(nn.Module):
             afterwards (``fastmaml/cuda_graph.py``): removes the CPU's launch overhead, which bounds
             small meta-steps on a GPU. Needs a CUDA model, the engine backend, and inputs of one shape
             from step to step (another shape records a new graph); results are identical to eager.
+            With ``task_chunk``, one graph per chunk shape (the full chunks and the remainder).
+        task_chunk: run the T tasks of a meta-step ``c`` at a time (None: all at once). Each chunk goes
+            through the same engine (or reference) call and its meta-gradient, a mean over its own
+            tasks, is weighted by c/T: the result is the unchunked meta-gradient up to rounding, and
+            peak activation memory scales with c instead of T. An int >= 1 (values >= T run
+            unchunked), or ``"auto"``: the largest c whose measured peak fits ``memory_budget`` (see
+            :func:`probe_chunk`; measured once per input shape and cached).
+        memory_budget: bytes that one chunk's meta-step may take on top of what is already held, for
+            ``task_chunk="auto"``: an int, or a string such as ``"8GiB"``, ``"512MB"``; default: 80%
+            of the free device memory on CUDA, 50% of the available memory (``MemAvailable``) on the
+            CPU. Giving a budget with ``task_chunk=None`` means ``"auto"``.
 
     BatchNorm always normalizes with per-task batch statistics (the paper's transductive mode).
 
@@ -125,6 +136,8 @@ class MAML(nn.Module):
         kernels: Optional[str] = None,
         batching: str = "auto",
         cuda_graph: bool = False,
+        task_chunk: Union[None, int, str] = None,
+        memory_budget: Union[None, int, str] = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -149,9 +162,18 @@ class MAML(nn.Module):
         if cuda_graph and backend != "engine":
             raise ValueError(
                 f"cuda_graph=True needs backend='engine' (the reference is a Python loop), got {backend!r}")
+        if memory_budget is not None and task_chunk is None:
+            task_chunk = "auto"
+        self.task_chunk = _check_task_chunk(task_chunk)
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
+        if self.memory_budget is not None and self.task_chunk != "auto":
+            raise ValueError(f"memory_budget applies to task_chunk='auto' only, got task_chunk={task_chunk!r}")
+        self._auto_chunk: Dict[Tuple, int] = {}
+        self.chunk_info: Optional[Dict[str, object]] = None  # task_chunk="auto": what the probe measured
         self.model = model
         self.cuda_graph = cuda_graph
         self._graphed: Optional[GraphedMetaGradient] = None
+        self._graphs: Dict[Hashable, GraphedMetaGradient] = {}  # by key; two at most (chunk and remainder)
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.memory = memory
@@ -358,22 +380,20 @@ class MAML(nn.Module):
         loss_fn = resolve_loss(loss_fn, support_y)
         self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
                            loss_fn)
+        T = support_x.shape[0]
+        c = self._chunk_size(support_x, support_y, query_x, query_y, steps, weights, loss_fn)
+        bounds = [(i, min(i + c, T)) for i in range(0, T, c)]
+        results = [self._meta_gradient(support_x[a:b], support_y[a:b], query_x[a:b], query_y[a:b], steps, weights,
+                                       loss_fn, len(bounds) > 1 and T % c != 0)
+                   for a, b in bounds]
+        r = results[0] if len(results) == 1 else _combine(results, [(b - a) / T for a, b in bounds])
+        self._check_finite(r.support_losses, r.query_losses_all, weights)
         if self.backend == "reference":
-            r = reference.meta_gradient(self.model, self.inner_lr, self.layout, support_x, support_y,
-                                        query_x, query_y, steps, self.first_order, weights, loss_fn)
-            self._check_finite(r.support_losses, r.query_losses_all, weights)
             grads = r.param_grads
-            lr_grad = r.lr_grad
         else:
-            if self.cuda_graph:
-                r = self._replay(support_x, support_y, query_x, query_y, steps, weights, loss_fn)
-            else:
-                r = self.engine.meta_gradient(support_x, support_y, query_x, query_y, steps, self.first_order,
-                                              weights, loss_fn, self.memory)
-            self._check_finite(r.support_losses, r.query_losses_all, weights)
             grads = dict(self.layout.views(r.theta_grad))
             grads.update(r.shared_grads)
-            lr_grad = r.lr_grad
+        lr_grad = r.lr_grad
         self._check_meta_gradient(grads, lr_grad)
         for name, p in self.model.named_parameters():
             if name in grads:
@@ -382,8 +402,31 @@ class MAML(nn.Module):
             _accumulate(self.inner_lr.lr, lr_grad)
         return MetaStepOutput(r.objective, r.query_losses, r.query_accuracy)
 
+    def _meta_gradient(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int, weights: Sequence[float],
+                       loss_fn: Optional[LossFn], two_graphs: bool = False):
+        """One backend call on a batch (or chunk) of tasks: an EngineResult, or the reference's result."""
+        if self.backend == "reference":
+            return reference.meta_gradient(self.model, self.inner_lr, self.layout, sx, sy, qx, qy, steps,
+                                           self.first_order, weights, loss_fn)
+        if self.cuda_graph:
+            return self._replay(sx, sy, qx, qy, steps, weights, loss_fn, 2 if two_graphs else 1)
+        return self.engine.meta_gradient(sx, sy, qx, qy, steps, self.first_order, weights, loss_fn, self.memory)
+
+    def _chunk_size(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int, weights: Sequence[float],
+                    loss_fn: Optional[LossFn]) -> int:
+        T = sx.shape[0]
+        if self.task_chunk is None:
+            return T
+        if self.task_chunk != "auto":
+            return min(self.task_chunk, T)
+        key = (tuple(sx.shape[1:]), tuple(sy.shape[1:]), tuple(qx.shape[1:]), tuple(qy.shape[1:]), sx.dtype,
+               sy.dtype, str(sx.device), steps, tuple(weights), self.first_order, self.memory, loss_fn)
+        if key not in self._auto_chunk:
+            self._auto_chunk[key] = probe_chunk(self, sx, sy, qx, qy, steps, weights, loss_fn, self.memory_budget)
+        return min(self._auto_chunk[key], T)
+
     def _replay(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int,
-                weights: Sequence[float], loss_fn: Optional[LossFn]) -> EngineResult:
+                weights: Sequence[float], loss_fn: Optional[LossFn], keep: int = 1) -> EngineResult:
         """The engine's meta-gradient through the recorded CUDA graph (recorded first if needed);
         returns copies, since the graph's outputs are overwritten by its next replay."""
         if sx.device.type != "cuda":
@@ -391,11 +434,18 @@ class MAML(nn.Module):
                 f"cuda_graph=True needs the model and the inputs on a CUDA device, they are on {sx.device}")
         inputs = (sx, sy, qx, qy)
         key = graph_key(self.engine, inputs, steps, self.first_order, weights, loss_fn, self.memory)
-        if self._graphed is None or self._graphed.key != key:
-            self._graphed = None  # release the previous graph's memory pool before recording a new one
-            self._graphed = GraphedMetaGradient(key, self.engine, inputs, steps, self.first_order, weights,
-                                                loss_fn, self.memory)
-        r = self._graphed(*inputs)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            # release the other graphs' memory pools before recording a new one (task chunks keep two:
+            # the full chunks' shape and the remainder's)
+            while len(self._graphs) >= keep:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphed = None
+            graphed = GraphedMetaGradient(key, self.engine, inputs, steps, self.first_order, weights,
+                                          loss_fn, self.memory)
+            self._graphs[key] = graphed
+        self._graphed = graphed
+        r = graphed(*inputs)
         return EngineResult(**{f.name: _clone(getattr(r, f.name)) for f in fields(EngineResult)})
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -562,6 +612,172 @@ class MAML(nn.Module):
         losses = task_losses(pred, query_y, loss_fn)
         acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
         return MetaStepOutput(losses.mean(), losses, acc)
+
+
+# -- task chunks -----------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(value, name: str = "memory_budget") -> int:
+    """Bytes from an int or a string like ``"8GiB"``, ``"512 MB"``, ``"1.5e9"``; > 0."""
+    if _is_int(value):
+        n = int(value)
+    elif isinstance(value, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{name} must be a number of bytes or a size such as '8GiB', '512MB', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    else:
+        raise TypeError(f"{name} must be an int (bytes) or a string such as '8GiB', got {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return n
+
+
+def _check_task_chunk(value):
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"task_chunk must be None, an int >= 1 or 'auto', got {value!r}")
+    if not _is_int(value):
+        raise TypeError(f"task_chunk must be None, an int >= 1 or 'auto', got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"task_chunk must be >= 1, got {value}")
+    return int(value)
+
+
+def _combine(results: List, weights: List[float]):
+    """One result from the results of task chunks: gradients and the objective are each chunk's
+    (a mean over its own tasks) weighted by its share of the tasks; per-task values concatenated."""
+    first = results[0]
+    out = {}
+    for f in fields(first):
+        vals = [getattr(r, f.name) for r in results]
+        if f.name in ("query_losses", "query_accuracy"):
+            out[f.name] = None if vals[0] is None else torch.cat(vals, 0)
+        elif f.name in ("support_losses", "query_losses_all"):
+            out[f.name] = torch.cat(vals, 1)
+        elif isinstance(vals[0], dict):
+            out[f.name] = {k: sum(w * v[k] for w, v in zip(weights, vals)) for k in vals[0]}
+        elif vals[0] is None:
+            out[f.name] = None
+        else:
+            acc = vals[0] * weights[0]
+            for w, v in zip(weights[1:], vals[1:]):
+                acc = acc + w * v
+            out[f.name] = acc
+    return type(first)(**out)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """80% of the free CUDA memory (free on the device plus what torch's caching allocator holds
+    unused); 50% of MemAvailable on the CPU (Linux), else 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.8 * (free + cached))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(0.5 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def _rss_peak_reset() -> Optional[int]:
+    """Linux: return unused heap to the system, reset the peak resident set (``VmHWM``) to the
+    current one, and return it; None where that is not possible."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status("VmRSS")
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(key)
+
+
+def measure_peak(fn, device: torch.device) -> Tuple[int, str]:
+    """Run ``fn()`` and return (the peak bytes it added on top of what was held before, the method).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak statistics. CPU (Linux): the
+    process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after
+    ``malloc_trim``) over its resident set before; elsewhere the allocation events of
+    ``torch.profiler`` (torch's own allocations only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(torch.cuda.max_memory_allocated(device) - base, 0), "torch.cuda.max_memory_allocated"
+    base = _rss_peak_reset()
+    if base is not None:
+        fn()
+        return max(_proc_status("VmHWM") - base, 0), "peak resident set (VmHWM after clear_refs)"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, n in events:
+        cur += n
+        peak = max(peak, cur)
+    return peak, "torch.profiler allocation events"
+
+
+def probe_chunk(learner: "MAML", sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int,
+                weights: Sequence[float], loss_fn: Optional[LossFn], budget: Optional[int]) -> int:
+    """``task_chunk="auto"``: the largest chunk whose meta-step fits ``budget`` bytes.
+
+    Measures (:func:`measure_peak`) the eager meta-step of 1 task and of min(T, 4) tasks of this
+    batch, after one unmeasured warm-up: peak(c) ~ fixed + c * per_task, so
+    c = (budget - fixed) // per_task, clipped to [1, T]. The probe's gradients are discarded (the
+    model and ``.grad`` are untouched). The choice is in ``learner.chunk_info``."""
+    T = sx.shape[0]
+    device = sx.device
+    budget = default_memory_budget(device) if budget is None else budget
+
+    def run(c: int):
+        def fn():
+            if learner.backend == "reference":
+                reference.meta_gradient(learner.model, learner.inner_lr, learner.layout, sx[:c], sy[:c], qx[:c],
+                                        qy[:c], steps, learner.first_order, weights, loss_fn)
+            else:
+                learner.engine.meta_gradient(sx[:c], sy[:c], qx[:c], qy[:c], steps, learner.first_order, weights,
+                                             loss_fn, learner.memory)
+        return fn
+
+    run(1)()  # warm-up: lazy initialization is not a per-task cost
+    m1, method = measure_peak(run(1), device)
+    c2 = min(T, 4)
+    if c2 > 1:
+        m2, _ = measure_peak(run(c2), device)
+        per_task = max((m2 - m1) / (c2 - 1), m2 / (2 * c2), 1.0)
+        fixed = max(m2 - c2 * per_task, 0.0)
+    else:
+        per_task, fixed = max(float(m1), 1.0), 0.0
+    c = max(1, int((budget - fixed) // per_task))  # not clipped to T: cached for batches of any size
+    learner.chunk_info = {"task_chunk": min(c, T), "budget": budget, "per_task_bytes": int(per_task),
+                          "fixed_bytes": int(fixed), "method": method, "tasks": T}
+    return c
 
 
 class _LearnerIdentity:
