@@ -16,5 +16,6 @@ whose ``adapt`` / ``predict`` / ``evaluate`` work like MAML's.
 """
 
 from .anil import ANIL
+from .reptile import Reptile
 
-__all__ = ["ANIL"]
+__all__ = ["ANIL", "Reptile"]
