@@ -78,6 +78,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from . import distributed
+
+    distributed.add_arguments(p)  # --nproc, --dist-timeout (issue 12)
 
 
 # -- shared builders (also used by eval and plot) -----------------------------------------------------
@@ -273,6 +276,10 @@ class _StopRequest:
 
 
 def main(args) -> int:
+    from . import distributed
+
+    if distributed.wanted(args):  # --nproc N, or a rank started by torchrun: see fastmaml/distributed.py
+        return distributed.train_main(args)
     config = configs.resolve(args.config, args.overrides)
     device = resolve_device(args.device)
     set_threads(args.threads)
@@ -329,6 +336,10 @@ def resume_command(args, run_dir: Path, data_root: Optional[Path]) -> str:
         parts += ["--threads", str(args.threads)]
     if args.overrides:
         parts += ["--set", *args.overrides]
+    from . import distributed
+
+    if distributed.world_size() > 1:
+        parts += ["--nproc", str(distributed.world_size())]
     parts.append("--resume")
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -371,6 +382,9 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
     if state is not None:
         ckpt_mod.check_compatible(state, learner.model, learner.inner_lr, ckpt_path)
         ckpt_mod.check_optimizer(state, opt, ckpt_path)
+        from . import distributed
+
+        distributed.check_world_size(state, ckpt_path)
     train_ds = make_dataset(config, "train", args.data, device)
     val_ds = None
     if config["val_every"] > 0:
@@ -410,6 +424,10 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
     write_json(run_dir / "config.json", config)
     truncate_metrics(run_dir / "metrics.jsonl", start)
 
+    from . import distributed
+
+    if distributed.current() is not None:
+        distributed.current().release(state)  # the other ranks start training from the same state
     return _loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, device, command,
                  keep_previous=not fell_back)
 
@@ -426,8 +444,13 @@ def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config) -> None:
 
 def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: int, progress_state, device,
           command: str, keep_previous: bool = True) -> int:
+    from . import distributed
     from .progress import Progress
 
+    ddp = distributed.current()  # None in a 1-process run
+    writer = ddp is None or ddp.writer  # rank 0 alone writes metrics, checkpoints and the progress bar
+    if ddp is not None:
+        train_ds = distributed.SliceSampler(train_ds, ddp, config["meta_batch"])
     iterations = config["iterations"]
     classification = config["dataset"] != "sinusoid"
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -439,10 +462,10 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
     t0 = time.perf_counter()
     last_ckpt = start
     bar = Progress(iterations, initial=start, desc=config["config"], tasks_per_step=config["meta_batch"],
-                   enabled=not args.quiet)
-    if start > 0:
+                   enabled=not args.quiet and writer)
+    if start > 0 and writer:
         bar.write(f"resuming {run_dir} at iteration {start}/{iterations}")
-    metrics = open(metrics_path, "a")
+    metrics = open(metrics_path if writer else os.devnull, "a")
 
     def log(obj: Dict[str, Any]) -> None:
         metrics.write(json.dumps(obj) + "\n")
@@ -451,6 +474,8 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
     rotate = [keep_previous]  # False only right after falling back from a damaged latest checkpoint
 
     def save(iteration: int) -> None:
+        if not writer:
+            return
         metrics.flush()
         os.fsync(metrics.fileno())
         keep, rotate[0] = rotate[0], True
@@ -460,7 +485,7 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
             "inner_lr": learner.inner_lr.state_dict(), "optimizer": opt.state_dict(),
             "rng": ckpt_mod.capture_rng(train_ds.state_dict()),
             "progress": {"elapsed": elapsed_before + time.perf_counter() - t0, "window": dict(window)},
-            "device": str(device),
+            "device": str(device), "world_size": distributed.world_size(),
         })
 
     def train_line(it: int, partial: bool = False) -> None:
@@ -490,6 +515,8 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                 except FloatingPointError as e:
                     raise TrainingError(f"training diverged at iteration {it}: {_first_line(e)}; the last "
                                         f"checkpoint ({ckpt_path}, iteration {last_ckpt}) is intact") from None
+                if ddp is not None:  # one all-reduce: the meta-gradient of the whole meta-batch, global metrics
+                    out = ddp.sync(learner, out, stop, it, train_ds)
                 if clip > 0:
                     for p in params:
                         if p.grad is not None:
@@ -518,8 +545,9 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                     last_ckpt = it
                 if stop.requested:
                     bar.close()
-                    print(f"fastmaml: stopped at iteration {it}/{iterations}; checkpoint saved. "
-                          f"Continue with: {command}", file=sys.stderr)
+                    if writer:
+                            print(f"fastmaml: stopped at iteration {it}/{iterations}; checkpoint saved. "
+                              f"Continue with: {command}", file=sys.stderr)
                     return 130
             finished = True
     finally:
@@ -530,6 +558,10 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                 pass
         metrics.close()
     bar.close()
+    if ddp is not None:
+        ddp.final_check(learner)
+        if not writer:
+            return 0
     summary = f"trained {config['config']} to iteration {iterations} in {run_dir}"
     last_val = [m for m in read_metrics(metrics_path) if m.get("split") == "val"]
     if last_val:

@@ -1,0 +1,176 @@
+"""Data-parallel meta-training on torch.distributed (issue 12), CPU and gloo.
+
+* W = 2 processes x T/2 tasks + ``all_reduce_grads`` give the meta-gradient of 1 process x T tasks
+  (float64, 1e-12), also for an uneven split, task chunks, learned rates and first order;
+* ``fastmaml train sinusoid-tiny --nproc 2``: the same parameters as 1 process after 20 steps
+  (float32, 1e-5 relative); rank 0 alone writes; the checkpoint holds the world size;
+* a rank killed mid-run ends the job non-zero within the timeout, and the run folder resumes (here
+  in 1 process, which says that the world size differs); a hung rank ends it after --dist-timeout.
+
+This file is also the workers' script: ``python test_distributed.py worker RANK WORLD PORT OUT``.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import fastmaml  # noqa: E402
+from fastmaml import cli  # noqa: E402
+from fastmaml.distributed import all_reduce_grads, task_slice  # noqa: E402
+
+from helpers import classification_batch, conv_bn, mlp, regression_batch, rel_err  # noqa: E402
+
+CASES = {
+    "mlp_learn_lslr_T8": dict(kind="mlp", T=8, kw=dict(inner_lr=0.05, inner_steps=2, learn_lr=True,
+                                                       lr_mode="per_layer_per_step")),
+    "conv_bn_fused_T7_chunk2": dict(kind="conv", T=7, kw=dict(inner_lr=0.1, inner_steps=2, task_chunk=2)),
+    "mlp_first_order_multi_step_T6": dict(kind="mlp", T=6, kw=dict(inner_lr=0.05, inner_steps=3, first_order=True,
+                                                                   multi_step_weights=[0.2, 0.3, 0.5],
+                                                                   learn_lr=True, lr_mode="per_step")),
+}
+
+
+def case(name):
+    c = CASES[name]
+    torch.manual_seed(0)
+    if c["kind"] == "mlp":
+        model, batch = mlp().double(), regression_batch(c["T"], seed=1)
+    else:
+        model, batch = conv_bn().double(), classification_batch(c["T"], seed=2)
+    return fastmaml.MAML(copy.deepcopy(model), **c["kw"]), batch
+
+
+def grads(learner):
+    return [p.grad.clone() for p in learner.parameters() if p.requires_grad]
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    result = {}
+    for name in CASES:
+        learner, batch = case(name)
+        T = batch[0].shape[0]
+        s = task_slice(T, rank, world)
+        learner.meta_step(*(t[s] for t in batch))
+        all_reduce_grads(learner, weight=(s.stop - s.start) / T)
+        result[name] = grads(learner)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+                OMP_NUM_THREADS="1")
+
+
+def test_task_slice():
+    assert [task_slice(7, r, 2) for r in range(2)] == [slice(0, 4), slice(4, 7)]
+    assert [task_slice(8, r, 4) for r in range(4)] == [slice(2 * r, 2 * r + 2) for r in range(4)]
+    with pytest.raises(ValueError, match="meta_batch >= world size"):
+        task_slice(3, 0, 4)
+
+
+def test_two_processes_give_the_one_process_meta_gradient(tmp_path):
+    from fastmaml.distributed import _free_port
+
+    out = str(tmp_path / "grads.pt")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(r), "2", str(port), out], env=_env())
+             for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = torch.load(out)
+    for name in CASES:
+        learner, batch = case(name)
+        learner.meta_step(*batch)
+        err = rel_err(got[name], grads(learner))
+        assert err <= 1e-12, (name, err)
+
+
+def test_all_reduce_grads_without_a_process_group_only_scales():
+    learner, batch = case("mlp_learn_lslr_T8")
+    learner.meta_step(*batch)
+    before = grads(learner)
+    extras = all_reduce_grads(learner, weight=0.5, extras=torch.tensor([3.0, 4.0]))
+    assert rel_err(grads(learner), [0.5 * g for g in before]) <= 1e-15
+    assert extras.tolist() == [3.0, 4.0]
+
+
+def train(args, env=None, timeout=300):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "fastmaml", "train", *args], env=env or _env(), capture_output=True,
+                       text=True, timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+def params(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    common = ["sinusoid-tiny", "--quiet", "--threads", "1", "--set", "iterations=20", "val_every=10",
+              "checkpoint_every=10"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["train", *common[:1], "--out", one, *common[1:]]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r, _ = train([*common[:1], "--out", two, "--nproc", "2", *common[1:]])
+    assert r.returncode == 0, r.stderr
+    a, b = params(one), params(two)
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["iteration"] == 20
+    for k in a["model"]:
+        x, y = a["model"][k], b["model"][k]
+        assert float((x - y).norm()) <= 1e-5 * max(float(x.norm()), 1e-12), k
+    # rank 0 alone wrote: one metrics line per log/val point, the same numbers as 1 process
+    m1 = [json.loads(s) for s in open(os.path.join(one, "metrics.jsonl"))]
+    m2 = [json.loads(s) for s in open(os.path.join(two, "metrics.jsonl"))]
+    assert [(m["split"], m["iter"]) for m in m1] == [(m["split"], m["iter"]) for m in m2]
+    for x, y in zip(m1, m2):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    assert r.stdout.count("trained sinusoid-tiny") == 1
+
+
+def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path):
+    run = str(tmp_path / "run")
+    args = ["sinusoid-tiny", "--out", run, "--quiet", "--threads", "1", "--dist-timeout", "20", "--set",
+            "iterations=30", "val_every=0", "checkpoint_every=10"]
+    r, took = train([*args, "--nproc", "2"], env=dict(_env(), FASTMAML_FAULT="1:15:kill"))
+    assert r.returncode != 0
+    assert "rank 1 of 2 was killed by SIGKILL" in r.stderr, r.stderr
+    assert took < 120, took
+    state = params(run)
+    assert state["iteration"] == 10 and state["world_size"] == 2
+    # the run folder resumes; in another world size, with a clear warning
+    r, _ = train([*args, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "written by a run of 2 process(es), this run has 1" in r.stderr
+    assert params(run)["iteration"] == 30
+
+
+def test_hung_rank_ends_the_job_after_the_timeout(tmp_path):
+    run = str(tmp_path / "run")
+    r, took = train(["sinusoid-tiny", "--out", run, "--quiet", "--threads", "1", "--nproc", "2", "--dist-timeout",
+                     "10", "--set", "iterations=30", "val_every=0"], env=dict(_env(), FASTMAML_FAULT="1:3:hang"))
+    assert r.returncode != 0
+    assert "rank 0/2: the all-reduce of iteration 3 failed" in r.stderr, r.stderr
+    assert "--dist-timeout 10s" in r.stderr
+    assert took < 90, took
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
