@@ -99,7 +99,7 @@ def _extensions():
     omp = [] if os.environ.get("FASTMAML_OPENMP", "1") == "0" else _openmp_flags(torch)
     cxx_flags = ["-O3"] + omp
     link_flags = list(omp)
-    sources = ["csrc/ops.cpp", "csrc/layers.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/layers.cpp", "csrc/cg_ops.cpp"]
     include_dirs = [ROOT]
 
     use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None

@@ -16,6 +16,7 @@ whose ``adapt`` / ``predict`` / ``evaluate`` work like MAML's.
 """
 
 from .anil import ANIL
+from .imaml import IMAML
 from .reptile import Reptile
 
-__all__ = ["ANIL", "Reptile"]
+__all__ = ["ANIL", "Reptile", "IMAML"]
