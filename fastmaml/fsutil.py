@@ -7,6 +7,7 @@ under a hidden ``.<name>.<random>.part`` name that no loader looks at.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -148,11 +149,16 @@ class RunLock:
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
+                locked = False
                 if fcntl is not None:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        raise LockHeld(self.path, self._read_pid()) from None
+                        locked = True
+                    except OSError as e:
+                        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                            raise LockHeld(self.path, self._read_pid()) from None
+                        # no flock on this file system (some network mounts): the pid check below
+                if locked:
                     # the file may have been removed (released) between open and flock: retry then
                     try:
                         same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -161,7 +167,7 @@ class RunLock:
                     if not same:
                         os.close(fd)
                         continue
-                else:  # pragma: no cover
+                else:
                     pid = self._read_pid()
                     if pid is not None and pid != os.getpid() and pid_alive(pid):
                         raise LockHeld(self.path, pid)

@@ -211,3 +211,29 @@ def test_the_resume_command_names_the_data_folder_used(tmp_path, capsys, interru
     monkeypatch.delenv("FASTMAML_DATA")  # a fresh shell: the command alone must work
     assert run_cli(*command.split()[1:]) == 0
     assert ckpt_mod.load(run / "checkpoint.pt")["iteration"] == 4
+
+
+def test_without_flock_the_owners_pid_decides(tmp_path, monkeypatch):
+    """On a file system without flock, a lock whose pid is alive is held, a dead one's is stale."""
+    import errno
+    import fcntl
+
+    from fastmaml import fsutil
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "train.lock").write_text(f"{alive.pid}\n")
+        with pytest.raises(fsutil.LockHeld) as e:
+            fsutil.RunLock(tmp_path).acquire()
+        assert e.value.pid == alive.pid
+    finally:
+        alive.kill()
+        alive.wait(timeout=60)
+    lock = fsutil.RunLock(tmp_path).acquire()  # the owner is dead now: taken over
+    assert (tmp_path / "train.lock").read_text().strip() == str(os.getpid())
+    lock.release()
+    assert not (tmp_path / "train.lock").exists()
