@@ -104,15 +104,15 @@ class InnerLR(nn.Module):
             raise ValueError(f"lr_mode={lr_mode!r} takes one inner_lr value for all steps, got {len(values)} values")
         K, S, P = inner_steps, layout.num_segments, layout.numel
         if lr_mode == "scalar":
-            init = torch.tensor(values[0])
+            init = torch.tensor(values[0], dtype=torch.float64)
         elif lr_mode == "per_step":
-            init = torch.tensor(values if per_step_values else values * K)
+            init = torch.tensor(values if per_step_values else values * K, dtype=torch.float64)
         elif lr_mode == "per_layer_per_step":
-            col = torch.tensor(values if per_step_values else values * K)
+            col = torch.tensor(values if per_step_values else values * K, dtype=torch.float64)
             init = col[:, None].expand(K, S).clone()
         else:
-            init = torch.full((P,), values[0])
-        init = init.to(dtype=dtype, device=device)
+            init = torch.full((P,), values[0], dtype=torch.float64)
+        init = init.to(dtype=dtype, device=device)  # built in float64: a float64 model gets the rate given, not its float32 rounding
         self.mode = lr_mode
         self.learnable = learnable
         if learnable:
