@@ -465,6 +465,8 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                    enabled=not args.quiet and writer)
     if start > 0 and writer:
         bar.write(f"resuming {run_dir} at iteration {start}/{iterations}")
+    if writer and not args.quiet:  # which engine path runs, and for the generic one which module made it
+        bar.write(f"engine path: {learner.execution_path}")
     metrics = open(metrics_path if writer else os.devnull, "a")
 
     def log(obj: Dict[str, Any]) -> None:
