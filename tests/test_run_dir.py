@@ -2,7 +2,6 @@
 read-only folder is reported in one line before any work, a missing packaged file is named as such,
 the printed resume command works as printed, and a stopped run leaves a metrics line."""
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,6 @@ import pytest
 from fastmaml import checkpoint as ckpt_mod
 from fastmaml import evaluate as eval_mod
 from fastmaml import maml as maml_mod
-from fastmaml import train as train_mod
 
 from test_cli import assert_user_error, metrics, run_cli, snapshot, subprocess_env, train_args
 
