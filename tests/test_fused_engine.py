@@ -262,3 +262,27 @@ def test_conv4_and_paper_mlp_are_fused_by_default():
     assert fastmaml.MAML(fastmaml.models.conv4(5)).execution_path.startswith("fused")
     assert fastmaml.MAML(fastmaml.models.conv4(5, max_pool=False)).execution_path.startswith("fused")
     assert fastmaml.MAML(fastmaml.models.mlp()).execution_path.startswith("fused")
+
+
+def test_triton_probe_reports_a_broken_kernel(monkeypatch):
+    """A Triton that cannot build or run the layer kernels is found by the one-time probe: asked by
+    name it raises and says why; under auto the engine keeps working on the reference kernels."""
+    import fastmaml.layers as L
+
+    ns, why = L._triton()
+    if ns is None:
+        pytest.skip(why)
+    assert L._triton_on(torch.device("cpu"))[0] is not None  # the real kernels pass the probe
+    broken = L._namespace("triton", **{fn: getattr(ns, fn) for fn in L.SWAPPABLE})
+
+    def fails(*a, **k):
+        raise RuntimeError("PTX compile failed")
+
+    broken.bn_act_pool_rforward = fails
+    monkeypatch.setattr(L, "_triton", lambda: (broken, ""))
+    L._triton_on.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="PTX compile failed"):
+            L.layer_kernels(torch.device("cpu"), "triton")
+    finally:
+        L._triton_on.cache_clear()

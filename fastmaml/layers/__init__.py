@@ -89,6 +89,38 @@ def _cin1_backward(wgrad):
 TORCH = _namespace("torch")
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_on(device: torch.device):
+    """The Triton kernels after a one-time probe on ``device``: compile and run each BatchNorm-block
+    direction and the one-channel convolution on a tiny input and compare with the reference, so
+    that a Triton that cannot build or run them here is reported (and ``auto`` quietly keeps the
+    reference) instead of failing inside a meta-step."""
+    ns, why = _triton()
+    if ns is None:
+        return ns, why
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        z = torch.randn(2, 3, 2, 5, 4, generator=g).to(device)
+        gm, bt = (torch.rand(2, 2, generator=g) + 0.5).to(device), torch.randn(2, 2, generator=g).to(device)
+        x, w = z[:, :, :1], torch.randn(2, 3, 1, 3, 3, generator=g).to(device)
+        for impl in (ns, TORCH):
+            out, mean, rstd, idx = impl.bn_act_pool_forward(z, gm, bt, 1e-5, 0.0, 2)
+            dz = impl.bn_act_pool_backward(torch.ones_like(out), z, mean, rstd, gm, bt, idx, 0.0, 2)[0]
+            rout = impl.bn_act_pool_rforward(z, z, mean, rstd, gm, bt, gm, bt, idx, 0.0, 2)[0]
+            rdz = impl.bn_act_pool_rbackward(out, out, z, z, mean, rstd, mean, rstd, gm, bt, gm, idx, 0.0, 2)[0]
+            y = impl.conv2d_forward(x, w, None, 1, 1)
+            dw = impl.conv2d_backward(y, x, w, 1, 1, False, True, False)[1]
+            got = [t.float() for t in (out, dz, rout, rdz, y, dw)]
+            if impl is ns:
+                mine = got
+        for a, b in zip(mine, got):
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+                return None, "the Triton layer kernels disagree with the reference on this device"
+    except Exception as e:  # noqa: BLE001  (a compiler or driver failure of any kind)
+        return None, f"the Triton layer kernels failed on {device}: {type(e).__name__}: {e}"
+    return ns, ""
+
+
 def layer_kernels(device: torch.device, backend: Optional[str] = "auto") -> SimpleNamespace:
     backend = backend or "auto"
     if backend == "torch":
@@ -101,7 +133,7 @@ def layer_kernels(device: torch.device, backend: Optional[str] = "auto") -> Simp
             raise RuntimeError(f"layer kernels 'cpp' are not available: {why}")
         return ns
     if backend == "triton":
-        ns, why = _triton()
+        ns, why = _triton_on(device)
         if ns is None:
             raise RuntimeError(f"layer kernels 'triton' are not available: {why}")
         return ns
@@ -109,6 +141,6 @@ def layer_kernels(device: torch.device, backend: Optional[str] = "auto") -> Simp
         ns, _ = _cpp()
         return ns or TORCH
     if device.type == "cuda":
-        ns, _ = _triton()
+        ns, _ = _triton_on(device)
         return ns or TORCH
     return TORCH
