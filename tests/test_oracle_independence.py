@@ -251,8 +251,6 @@ def test_objective_and_gradient_match_a_hand_written_unrolled_loop(weights, back
     assert rel_err(grads_of(learner), list(hand)) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="InnerLR builds its initial rates as float32 tensors, then casts them "
-                   "to the model's dtype: inner_lr=0.15 on a float64 model is 0.15000000596 (reported in issue 15)")
 def test_float_rate_is_exact_for_a_float64_model():
     """inner_lr=0.15 on a float64 model is the float64 number 0.15, not its float32 rounding (a 4e-8
     relative error in every fast weight and every loss of a float64 run)."""
