@@ -73,7 +73,7 @@ def run_probe(chunk: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", chunk, "--tasks", str(args.tasks), "--steps",
            str(args.steps), "--queries", str(args.queries), "--device", args.device, "--threads", str(args.threads),
            "--repeats", str(args.repeats)]
-    if args.budget:
+    if args.budget and chunk == "auto":
         cmd += ["--budget", args.budget]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])

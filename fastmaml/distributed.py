@@ -252,6 +252,25 @@ class Context:
         return MetaStepOutput(torch.tensor(float(red[0]) / tasks, dtype=dtype), out.task_losses,
                               None if acc is None else torch.tensor([float(red[1]) / tasks], dtype=dtype))
 
+    def run_episodes(self, learner, episodes, steps: int, classification: bool):
+        """Distributed validation: rank r evaluates the batches i with i % W == r of the fixed
+        episodes; every rank gets all per-episode losses and accuracies, in the 1-process order."""
+        from .evaluate import run_episodes
+
+        mine = [(i, run_episodes(learner, [batch], steps, classification))
+                for i, batch in enumerate(episodes) if i % self.world == self.rank]
+        gathered: List[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(gathered, mine)
+        except RuntimeError as e:
+            raise self.fail("gathering the validation results", e) from None
+        losses: List[float] = []
+        accs: List[float] = []
+        for _, (lo, ac) in sorted((x for part in gathered for x in part), key=lambda x: x[0]):
+            losses += lo
+            accs += ac
+        return losses, accs
+
     def final_check(self, learner) -> None:
         try:
             check_in_sync(learner, "at the end of training")
@@ -408,6 +427,10 @@ def _follower(args, ctx: Context) -> int:
     state = payload
     learner, opt = train.build_learner(config, ctx.device)
     train_ds = train.make_dataset(config, "train", args.data, ctx.device)
+    val_ds = None
+    if config["val_every"] > 0:
+        val_ds = train.make_dataset(config, "val", args.data, ctx.device, queries=config["eval_queries"],
+                                    seed=config["val_seed"])
     start, progress_state = 0, {"elapsed": 0.0, "window": {"loss": 0.0, "accuracy": 0.0, "count": 0}}
     if state is not None:
         learner.model.load_state_dict(state["model"])
@@ -417,7 +440,7 @@ def _follower(args, ctx: Context) -> int:
         train_ds.load_state_dict(state["rng"]["sampler"])
         start, progress_state = state["iteration"], state["progress"]
     run_dir = Path(args.out) if args.out else train.default_run_dir(config)
-    return train._loop(config, args, learner, opt, train_ds, None, run_dir, start, progress_state, ctx.device, "")
+    return train._loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, ctx.device, "")
 
 
 def check_world_size(state: Optional[Dict[str, Any]], ckpt_path) -> None:

@@ -581,6 +581,10 @@ def _validate(learner, val_ds, config: Config, it: int, classification: bool) ->
 
     with torch.random.fork_rng(devices=[]):
         episodes = fixed_episodes(val_ds, config["val_episodes"], config["eval_batch"], config["val_seed"])
+        from . import distributed
+
+        if distributed.current() is not None:  # each rank a share of the episodes, gathered in order
+            run_episodes = distributed.current().run_episodes
         losses, accs = run_episodes(learner, episodes, config["test_steps"], classification)
     loss, loss_ci = mean_ci95(losses)
     line: Dict[str, Any] = {"split": "val", "iter": it, "loss": loss, "loss_ci95": loss_ci}
