@@ -144,7 +144,7 @@ def main() -> None:
     path = write_json(f"distributed_{device_tag(args.device)}", {
         "machine": machine(args.device), "threads_per_process": args.threads,
         "workload": {"config": "omniglot-5w1s", "tasks": args.tasks, "steps": args.steps, "queries": 1},
-        "rows": rows, "backend": "gloo" if args.device == "cpu" else "nccl",
+        "load_average": list(os.getloadavg()), "rows": rows, "backend": "gloo" if args.device == "cpu" else "nccl",
         "note": "medians; the CPU machine is shared with other jobs, so the numbers are noisy"}, args.out)
     print(f"wrote {path}")
 

@@ -115,7 +115,7 @@ def main() -> None:
     path = write_json(f"task_chunk_{device_tag(args.device)}", {
         "machine": machine(args.device), "workload": {"tasks": args.tasks, "steps": args.steps,
                                                       "queries": args.queries, "ways": 5, "shots": 1},
-        "threads": args.threads, "rows": rows,
+        "load_average": list(os.getloadavg()), "threads": args.threads, "rows": rows,
         "note": "CPU peak = peak RSS excess over the baseline (fresh process per row); the machine is shared and "
                 "noisy: times are medians"}, args.out)
     print(f"wrote {path}")

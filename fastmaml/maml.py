@@ -752,7 +752,8 @@ def probe_chunk(learner: "MAML", sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
     c = (0.9 * budget - fixed) // per_task, clipped to [1, T]. On the CPU the resident-set measure
     can miss memory that the allocator reuses from earlier steps: the budget is a target, not a
     hard limit (measured: a 200 MiB budget on the standard workload gave c = 3 and a 245 MiB peak
-    in a fresh process, whose first step also pays one-time costs). The probe's gradients are discarded (the
+    in a fresh process, whose first step also pays one-time costs). The probe's gradients are
+    discarded (the
     model and ``.grad`` are untouched). The choice is in ``learner.chunk_info``."""
     T = sx.shape[0]
     device = sx.device
@@ -777,7 +778,7 @@ def probe_chunk(learner: "MAML", sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
         fixed = max(m2 - c2 * per_task, 0.0)
     else:
         per_task, fixed = max(float(m1), 1.0), 0.0
-    c = max(1, int((0.9 * budget - fixed) // per_task))  # a 10% margin for what the probe misses  # not clipped to T: cached for batches of any size
+    c = max(1, int((0.9 * budget - fixed) // per_task))  # 10% margin; not clipped to T (cached)
     learner.chunk_info = {"task_chunk": min(c, T), "budget": budget, "per_task_bytes": int(per_task),
                           "fixed_bytes": int(fixed), "method": method, "tasks": T}
     return c
