@@ -225,12 +225,13 @@ class Context:
         from .maml import MetaStepOutput
 
         _fault(self.rank, it)
+        self._hook_signals(stop)
         n = out.task_losses.numel()
         acc = out.task_accuracy
         extras = torch.stack([out.loss.detach().double() * n,
                               acc.double().sum() if acc is not None else torch.zeros((), dtype=torch.float64),
                               torch.tensor(float(n), dtype=torch.float64),
-                              torch.tensor(1.0 if stop.requested else 0.0, dtype=torch.float64)])
+                              torch.tensor(1.0 if self._signalled else 0.0, dtype=torch.float64)])
         total = getattr(sampler, "num_tasks", None) or n * self.world
         try:
             pending = all_reduce_grads(learner, weight=n / total, extras=extras.to(self.device), async_op=True)
@@ -246,11 +247,30 @@ class Context:
             raise self.fail(f"the all-reduce of iteration {it}", e) from None
         red = red.double().cpu()
         tasks = float(red[2])
-        if red[3] > 0:
-            stop.requested = True
+        stop.requested = bool(red[3] > 0)  # the same decision on every rank, at the same iteration
         dtype = out.loss.dtype
         return MetaStepOutput(torch.tensor(float(red[0]) / tasks, dtype=dtype), out.task_losses,
                               None if acc is None else torch.tensor([float(red[1]) / tasks], dtype=dtype))
+
+    def _hook_signals(self, stop) -> None:
+        """SIGINT / SIGTERM set a flag that the next all-reduce shares (``stop.requested`` is set
+        from the agreed value only, so that all ranks stop after the same iteration); a second
+        SIGINT aborts, as in 1-process runs. The trainer restores the previous handlers at its end."""
+        if getattr(self, "_hooked", False):
+            return
+        self._hooked = True
+        self._signalled = bool(stop.requested)
+
+        def handle(signum, frame):
+            if self._signalled and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signalled = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, handle)
+            except ValueError:  # not the main thread
+                pass
 
     def run_episodes(self, learner, episodes, steps: int, classification: bool):
         """Distributed validation: rank r evaluates the batches i with i % W == r of the fixed
@@ -503,6 +523,16 @@ def launch(args, nproc: int, grace_s: float = 5.0) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "fastmaml", *rank_argv(args)], env=env))
     first_fail = None  # (rank, code)
     deadline = None
+
+    def forward(signum, frame):  # SIGTERM to the launcher: every rank checkpoints and stops
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    try:
+        old_term = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread
+        old_term = None
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -536,6 +566,8 @@ def launch(args, nproc: int, grace_s: float = 5.0) -> int:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if first_fail is None:
         return 0
     r, c = first_fail

@@ -1,11 +1,13 @@
 """Data-parallel meta-training on torch.distributed (issue 12), CPU and gloo.
 
 * W = 2 processes x T/2 tasks + ``all_reduce_grads`` give the meta-gradient of 1 process x T tasks
-  (float64, 1e-12), also for an uneven split, task chunks, learned rates and first order;
+  (float64, 1e-12), also for an uneven split, task chunks, learned rates and first order; the
+  parameter checksum catches a drift of 1e-12 on one rank;
 * ``fastmaml train sinusoid-tiny --nproc 2``: the same parameters as 1 process after 20 steps
   (float32, 1e-5 relative); rank 0 alone writes; the checkpoint holds the world size;
 * a rank killed mid-run ends the job non-zero within the timeout, and the run folder resumes (here
-  in 1 process, which says that the world size differs); a hung rank ends it after --dist-timeout.
+  in 1 process, which says that the world size differs); a hung rank ends it after --dist-timeout;
+  SIGTERM stops every rank after the same iteration, with a checkpoint.
 
 This file is also the workers' script: ``python test_distributed.py worker RANK WORLD PORT OUT``.
 """
@@ -67,6 +69,19 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         learner.meta_step(*(t[s] for t in batch))
         all_reduce_grads(learner, weight=(s.stop - s.start) / T)
         result[name] = grads(learner)
+    # the parameter checksum: equal parameters pass, a drifted rank fails on every rank
+    from fastmaml.distributed import ParameterDrift, check_in_sync
+
+    learner, _ = case("mlp_learn_lslr_T8")
+    check_in_sync(learner)
+    if rank == 1:
+        with torch.no_grad():
+            next(learner.parameters())[0].view(-1)[0] += 1e-12
+    try:
+        check_in_sync(learner, "in the test")
+        result["drift"] = ""
+    except ParameterDrift as e:
+        result["drift"] = str(e)
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
@@ -93,6 +108,7 @@ def test_two_processes_give_the_one_process_meta_gradient(tmp_path):
              for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     got = torch.load(out)
+    assert got.pop("drift").startswith("the ranks' parameters differ in the test")
     for name in CASES:
         learner, batch = case(name)
         learner.meta_step(*batch)
@@ -170,6 +186,25 @@ def test_hung_rank_ends_the_job_after_the_timeout(tmp_path):
     assert "rank 0/2: the all-reduce of iteration 3 failed" in r.stderr, r.stderr
     assert "--dist-timeout 10s" in r.stderr
     assert took < 90, took
+
+
+def test_sigterm_stops_every_rank_after_the_same_iteration(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "fastmaml", "train", "sinusoid-tiny", "--out", str(run), "--quiet",
+                          "--threads", "1", "--nproc", "2", "--set", "iterations=100000", "val_every=0", "log_every=5",
+                          "checkpoint_every=100000"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    p.send_signal(15)  # to the launcher: it passes SIGTERM on to the ranks
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.count("stopped at iteration") == 1 and "error" not in err, err
+    state = params(str(run))
+    assert state["world_size"] == 2 and 5 <= state["iteration"] < 100000
+    assert f"stopped at iteration {state['iteration']}/" in err
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
