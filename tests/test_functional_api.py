@@ -253,3 +253,41 @@ def test_loss_modules_take_the_builtin_path():
     assert "fused" in b.engine.path(loss_fn=resolve_loss(nn.CrossEntropyLoss(), batch[1]))
     assert rel([p.grad for p in b.parameters() if p.grad is not None],
                [p.grad for p in a.parameters() if p.grad is not None]) <= TOL
+
+
+@pytest.mark.parametrize("memory,lr_mode", [("recompute", "per_layer_per_step"), ("store", "per_parameter")])
+def test_memory_modes_and_learned_rate_forms(memory, lr_mode):
+    """recompute mode (checkpoints) and per-layer / per-parameter learned rates through the Function."""
+    torch.manual_seed(5)
+    T, K = 3, 3
+    model = mlp(1, 5, 1).double()
+    ref_model = copy.deepcopy(model)
+    sx, sy, qx, qy = regression_batch(T, seed=11)
+    learner = fastmaml.MAML(model, inner_lr=0.125, inner_steps=K, learn_lr=True, lr_mode=lr_mode, memory=memory)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # distinct rates per layer / element, exactly representable
+        learner.inner_lr.lr.copy_((torch.randint(1, 8, learner.inner_lr.lr.shape, generator=g) / 32).double())
+    rates = learner.inner_lr.lr.detach().clone().requires_grad_(True)
+    fast = learner.adapt(sx, sy, create_graph=True)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    ((learner(fast, qx) - qy).pow(2).mean(dim=(1, 2)) * w).sum().backward()
+
+    names = [n for n, _ in ref_model.named_parameters()]
+    params = dict(ref_model.named_parameters())
+    sizes = [p.numel() for p in params.values()]
+    outs = []
+    for t in range(T):
+        fast_t = dict(params)
+        for k in range(K):
+            l = F.mse_loss(functional_call(ref_model, fast_t, (sx[t],)), sy[t])
+            gs = torch.autograd.grad(l, [fast_t[n] for n in names], create_graph=True)
+            if lr_mode == "per_parameter":
+                parts = torch.split(rates, sizes)
+                fast_t = {n: fast_t[n] - a.view_as(gr) * gr for n, a, gr in zip(names, parts, gs)}
+            else:
+                fast_t = {n: fast_t[n] - rates[k, i] * gr for i, (n, gr) in enumerate(zip(names, gs))}
+        outs.append(functional_call(ref_model, fast_t, (qx[t],)))
+    J = ((torch.stack(outs) - qy).pow(2).mean(dim=(1, 2)) * w).sum()
+    want = torch.autograd.grad(J, list(params.values()) + [rates])
+    got = [p.grad for p in learner.model.parameters()] + [learner.inner_lr.lr.grad]
+    assert rel(got, want) <= TOL
