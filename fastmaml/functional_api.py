@@ -19,7 +19,7 @@ keeps the engine's fused path.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
