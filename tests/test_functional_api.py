@@ -291,3 +291,25 @@ def test_memory_modes_and_learned_rate_forms(memory, lr_mode):
     want = torch.autograd.grad(J, list(params.values()) + [rates])
     got = [p.grad for p in learner.model.parameters()] + [learner.inner_lr.lr.grad]
     assert rel(got, want) <= TOL
+
+
+def test_no_unrolled_graph_saved_activations_do_not_grow_with_steps():
+    """autograd saves the query pass's activations only: the inner loop's backward is the engine's
+    reverse pass (which keeps the K iterates [T, P], not K steps of activations)."""
+    model = conv_bn(hidden=3).double()
+    sx, sy, qx, qy = classification_batch(2, seed=12)
+
+    def saved_bytes(K):
+        learner = fastmaml.MAML(copy.deepcopy(model), inner_lr=0.125, inner_steps=K)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fast = learner.adapt(sx, sy, create_graph=True)
+            loss = F.cross_entropy(learner(fast, qx).flatten(0, 1), qy.flatten())
+        loss.backward()
+        return total[0]
+
+    assert saved_bytes(1) == saved_bytes(6)
