@@ -84,6 +84,25 @@ KEYS: Dict[str, Key] = {
     "eval_seed": Key("seed of the fixed test episodes", min=0, resumable=True),
     "eval_batch": Key("episodes evaluated together (memory and speed; results change only by rounding)",
                       min=1, resumable=True),
+    # the rest of the MAML family (issue 14; fastmaml/algorithms/): only in the configs that use them
+    "algorithm": Key("the meta-learning algorithm", choices=("maml", "anil", "reptile", "imaml", "mamlpp"),
+                     settable=False),
+    "meta_optimizer": Key("the outer optimizer (Reptile: sgd, so that meta_lr is its step size epsilon)",
+                          choices=("adam", "sgd")),
+    "meta_lr_schedule": Key("meta learning rate over the run: constant, cosine (MAML++) or linear (Reptile), "
+                            "from meta_lr to min_meta_lr", choices=("constant", "cosine", "linear")),
+    "min_meta_lr": Key("the meta learning rate at the end of a cosine or linear schedule", min=0.0),
+    "lr_mode": Key("inner learning rates: scalar, per_step, per_layer_per_step (MAML++ LSLR), per_parameter",
+                   choices=("scalar", "per_step", "per_layer_per_step", "per_parameter")),
+    "first_order_iterations": Key("MAML++ derivative-order annealing: first order for the first N iterations", min=0),
+    "msl_iterations": Key("MAML++ multi-step loss, annealed toward the last step, for the first N iterations "
+                          "(0: off)", min=0),
+    "reptile_variant": Key("Reptile: batched (Algorithm 2) or serial (Algorithm 1)", choices=("batched", "serial")),
+    "inner_batch": Key("Reptile: examples per inner SGD step (0: the whole set)", min=0),
+    "inner_data": Key("Reptile: the inner loop trains on the support set or on support and query (all)",
+                      choices=("support", "all")),
+    "imaml_lambda": Key("iMAML: the proximal regularization lambda (> 0)", min=0.0),
+    "cg_steps": Key("iMAML: conjugate-gradient iterations (>= 1)", min=1),
 }
 
 
@@ -159,6 +178,34 @@ def _build() -> Dict[str, Tuple[str, Config]]:
     for name in list(out):
         desc, cfg = out[name]
         out[f"{name}-fo"] = (desc + ", first-order MAML", dict(cfg, first_order=True))
+    # The rest of the MAML family (issue 14, docs/reproduction.md "Other algorithms").
+    omni = {k: v for k, v in _OMNIGLOT.items()}
+    out["anil-omniglot-5w1s"] = ("ANIL (Raghu et al. 2020): Omniglot 5-way 1-shot, conv4, only the head adapts",
+                                 dict(omni, algorithm="anil"))
+    out["reptile-sinusoid"] = ("Reptile (Nichol et al. 2018), its sinusoid demo: serial, 5 SGD steps of 10 points",
+                               dict(_SINUSOID, algorithm="reptile", reptile_variant="serial", inner_batch=10,
+                                    inner_data="all", shots=10, queries=40, inner_lr=0.02, inner_steps=5,
+                                    test_steps=32, meta_batch=1, meta_optimizer="sgd", meta_lr=0.1,
+                                    meta_lr_schedule="linear", min_meta_lr=0.0, iterations=30000))
+    for shots in (1, 5):
+        out[f"reptile-omniglot-5w{shots}s"] = (
+            f"Reptile: Omniglot 5-way {shots}-shot, batched, SGD inner loop (the paper's uses Adam)",
+            dict(omni, algorithm="reptile", reptile_variant="batched", inner_batch=10, inner_data="all",
+                 shots=shots, queries=10 - shots if shots < 10 else 5, inner_lr=0.1, inner_steps=5,
+                 test_steps=50, meta_batch=5, meta_optimizer="sgd", meta_lr=1.0, meta_lr_schedule="linear",
+                 min_meta_lr=0.0, iterations=100000, max_pool=True))
+    out["imaml-omniglot-5w1s"] = ("iMAML (Rajeswaran et al. 2019): Omniglot 5-way 1-shot, lambda 2, 16 proximal "
+                                  "GD steps, 5 CG steps", dict(omni, algorithm="imaml", imaml_lambda=2.0,
+                                                                cg_steps=5, inner_lr=0.1, inner_steps=16,
+                                                                test_steps=16))
+    for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)):
+        out[f"mamlpp-omniglot-{ways}w{shots}s"] = (
+            f"MAML++ (Antoniou et al. 2019): Omniglot {ways}-way {shots}-shot: LSLR, multi-step loss, "
+            "derivative-order and cosine annealing", dict(
+                omni, algorithm="mamlpp", ways=ways, shots=shots, queries=shots, meta_batch=16, inner_lr=0.1,
+                inner_steps=5, test_steps=5, learn_lr=True, lr_mode="per_layer_per_step",
+                first_order_iterations=25000, msl_iterations=5000, meta_lr_schedule="cosine",
+                min_meta_lr=1e-5, iterations=50000, val_every=500))
     # Tiny configs for tests and smoke runs: seconds on a CPU.
     out["sinusoid-tiny"] = ("smoke test: sinusoid, small MLP, 200 iterations", dict(
         _SINUSOID, hidden=[16, 16], shots=5, queries=5, eval_queries=20, meta_batch=4, iterations=200,
@@ -307,6 +354,14 @@ def check_config(config: Config) -> None:
         raise UserError("split_scheme=maml has no validation split; also pass --set val_every=0")
     if c["model"] == "conv4" and c.get("max_pool", True) and c["image_size"] < 16:
         raise UserError(f"image_size={c['image_size']} is too small for four 2x2 max-pools (needs >= 16)")
+    if "imaml_lambda" in c and not c["imaml_lambda"] > 0:
+        raise UserError(f"imaml_lambda={c['imaml_lambda']}: iMAML's proximal regularization must be > 0")
+    for key in ("first_order_iterations", "msl_iterations"):
+        if c.get(key, 0) > c["iterations"]:
+            raise UserError(f"{key}={c[key]} is beyond the run's iterations={c['iterations']} (the annealing "
+                            f"would never end); lower {key} or raise iterations")
+    if c.get("reptile_variant") == "serial" and c.get("meta_optimizer") != "sgd":
+        raise UserError("reptile_variant=serial needs meta_optimizer=sgd (meta_lr is its step size epsilon)")
 
 
 def load_file(path: str) -> Config:

@@ -122,6 +122,14 @@ def build_learner(config: Config, device: torch.device):
         raise UserError(f"cuda_graph=true needs a CUDA device (--device cuda), not {device}")
     seed_everything(config["seed"])
     model = models.build(config).to(device)
+    if config.get("algorithm", "maml") != "maml":  # ANIL, Reptile, iMAML, MAML++ (issue 14)
+        from .algorithms import build as algorithms
+
+        try:
+            learner = algorithms.make_learner(config, model)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config {config['config']}: {_first_line(e)}") from None
+        return learner, algorithms.make_optimizer(config, learner.parameters())
     learner = MAML(model, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
                    first_order=config["first_order"], learn_lr=config["learn_lr"], memory=config["memory"],
                    kernels=config["kernels"], batching=config["batching"], cuda_graph=config["cuda_graph"])
@@ -502,6 +510,9 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
             line["partial"] = True
         log(line)
 
+    from .algorithms.build import make_schedule
+
+    schedule = make_schedule(config)  # meta-lr schedule, MAML++ annealing; None for the plain configs
     it = start
     done = start  # the last iteration whose metrics are in the window
     logged = start  # the last iteration a training line covers
@@ -512,6 +523,8 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
             for it in range(start + 1, iterations + 1):
                 sx, sy, qx, qy = train_ds.sample(config["meta_batch"])
                 opt.zero_grad(set_to_none=True)
+                if schedule is not None:  # a function of the iteration (resumes exactly)
+                    schedule(learner, opt, it)
                 try:
                     out = learner.meta_step(sx, sy, qx, qy)
                 except FloatingPointError as e:
