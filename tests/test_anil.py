@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmaml.algorithms import ANIL
+from fastmaml import ANIL
 from fastmaml.models import conv4, mlp_bn
 
 
@@ -24,7 +24,7 @@ def _reference(model, body, head, sx, sy, qx, qy, lr, steps, first_order):
             w = [a - lr * b for a, b in zip(w, g)]
         pred = torch.func.functional_call(head, dict(zip([n for n, _ in head.named_parameters()], w)), (fq,))
         total = total + F.cross_entropy(pred, qy[t]) / T
-    return torch.autograd.grad(total, params), float(total)
+    return torch.autograd.grad(total, params), float(total.detach())
 
 
 def _rel(a, b):

@@ -17,6 +17,7 @@ whose ``adapt`` / ``predict`` / ``evaluate`` work like MAML's.
 
 from .anil import ANIL
 from .imaml import IMAML
+from .mamlpp import MAMLPPSchedule
 from .reptile import Reptile
 
-__all__ = ["ANIL", "Reptile", "IMAML"]
+__all__ = ["ANIL", "Reptile", "IMAML", "MAMLPPSchedule"]
