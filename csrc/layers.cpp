@@ -36,6 +36,11 @@
 #include <omp.h>
 #endif
 
+// Our loops only (after the includes): without this GCC keeps `a > 0 ? ...` as control flow
+// (a compare may trap) and vectorizes none of the elementwise loops. It changes no result: no
+// reassociation, no contraction, only the assumption that floating-point exceptions are not trapped.
+#pragma GCC optimize("no-trapping-math")
+
 namespace fastmaml {
 namespace layers {
 namespace {
@@ -301,15 +306,168 @@ inline void gather_slice(const S* __restrict r, const uint8_t* __restrict k, S* 
   }
 }
 
+// ---- row helpers: every scalar by value and every pointer restrict-qualified, so that the
+// compiler keeps the constants in registers and vectorizes. The activation multiplies by a
+// select of two constants (1 or slope), as the reference does: `a > 0 ? a : a * slope` does not
+// vectorize (GCC will not speculate the product under the default -ftrapping-math). ----
+
+// acc[l] += z[j] (lanes l = j mod kLanes within the full blocks, the tail from lane 0)
+template <typename S>
+inline void sum_row(const S* __restrict z, int64_t n, double* __restrict acc_io) {
+  double acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = acc_io[l];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(z[j + l]);
+  for (int l = 0; j < n; ++j, ++l) acc[l] += static_cast<double>(z[j]);
+  for (int l = 0; l < kLanes; ++l) acc_io[l] = acc[l];
+}
+
+// acc[l] += (z[j] - m)^2 in double
+template <typename S>
+inline void sqdev_row(const S* __restrict z, int64_t n, double m, double* __restrict acc_io) {
+  double acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = acc_io[l];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = static_cast<double>(z[j + l]) - m;
+      acc[l] += d * d;
+    }
+  for (int l = 0; j < n; ++j, ++l) {
+    const double d = static_cast<double>(z[j]) - m;
+    acc[l] += d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) acc_io[l] = acc[l];
+}
+
+// h = act(gamma * (z - mean) * rstd + beta)
+template <typename S>
+inline void fwd_row(const S* __restrict z, S* __restrict h, int64_t n, S mean, S rstd, S ga, S be,
+                    S slope) {
+  for (int64_t j = 0; j < n; ++j) {
+    const S xh = (z[j] - mean) * rstd;
+    const S a = ga * xh + be;
+    h[j] = a * (a > S(0) ? S(1) : slope);  // a select of constants: vectorizes
+  }
+}
+
+// da = d * act'(a)
+template <typename S>
+inline void da_row(const S* __restrict z, const S* __restrict d, S* __restrict da, int64_t n,
+                   S mean, S rstd, S ga, S be, S slope) {
+  for (int64_t j = 0; j < n; ++j) {
+    const S xh = (z[j] - mean) * rstd;
+    const S a = ga * xh + be;
+    da[j] = d[j] * (a > S(0) ? S(1) : slope);
+  }
+}
+
+// a1 += v, a2 += v * xh  (v = da or rz)
+template <typename S>
+inline void sum2_row(const S* __restrict z, const S* __restrict v, int64_t n, S mean, S rstd,
+                     double* __restrict a1_io, double* __restrict a2_io) {
+  double a1[kLanes], a2[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    a1[l] = a1_io[l];
+    a2[l] = a2_io[l];
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double xh = static_cast<double>((z[j + l] - mean) * rstd);
+      const double d = static_cast<double>(v[j + l]);
+      a1[l] += d;
+      a2[l] += d * xh;
+    }
+  for (int l = 0; j < n; ++j, ++l) {
+    const double xh = static_cast<double>((z[j] - mean) * rstd);
+    const double d = static_cast<double>(v[j]);
+    a1[l] += d;
+    a2[l] += d * xh;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    a1_io[l] = a1[l];
+    a2_io[l] = a2[l];
+  }
+}
+
+// dz = rstd (gamma da - k0 - xh k1)
+template <typename S>
+inline void dz_row(const S* __restrict z, const S* __restrict da, S* __restrict o, int64_t n,
+                   S mean, S rstd, S ga, S k0, S k1) {
+  for (int64_t j = 0; j < n; ++j) {
+    const S xh = (z[j] - mean) * rstd;
+    o[j] = rstd * (ga * da[j] - k0 - xh * k1);
+  }
+}
+
+// R-forward: rh = act'(a) (gamma rxh + ug xh + ub), rxh = (rz - rmean - xh q) rstd (rz = 0 if null)
+template <typename S, bool RZ>
+inline void rfwd_row(const S* __restrict z, const S* __restrict rz, S* __restrict rh, int64_t n,
+                     S mean, S rstd, S ga, S be, S rmean, S q, S ug, S ub, S slope) {
+  for (int64_t j = 0; j < n; ++j) {
+    const S xh = (z[j] - mean) * rstd;
+    const S a = ga * xh + be;
+    const S rzj = RZ ? rz[j] : S(0);
+    const S rxh = (rzj - rmean - xh * q) * rstd;
+    const S ra = ga * rxh + ug * xh + ub;
+    rh[j] = ra * (a > S(0) ? S(1) : slope);
+  }
+}
+
+// R-backward sums: a1 += da, a2 += da xh, a3 += rda, a4 += rda xh, a5 += da rxh
+template <typename S, bool RZ>
+inline void rbwd_sums_row(const S* __restrict z, const S* __restrict rz, const S* __restrict da,
+                          const S* __restrict rda, int64_t n, S mean, S rstd, S rmean, S q,
+                          double* __restrict acc_io /* [5][kLanes] */) {
+  double a[5][kLanes];
+  for (int k = 0; k < 5; ++k)
+    for (int l = 0; l < kLanes; ++l) a[k][l] = acc_io[k * kLanes + l];
+  auto body = [&](int64_t j, int l) {
+    const S xhs = (z[j] - mean) * rstd;
+    const S rzj = RZ ? rz[j] : S(0);
+    const S rxhs = (rzj - rmean - xhs * q) * rstd;
+    const double xh = static_cast<double>(xhs), rxh = static_cast<double>(rxhs);
+    const double d = static_cast<double>(da[j]), rd = static_cast<double>(rda[j]);
+    a[0][l] += d;
+    a[1][l] += d * xh;
+    a[2][l] += rd;
+    a[3][l] += rd * xh;
+    a[4][l] += d * rxh;
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) body(j + l, l);
+  for (int l = 0; j < n; ++j, ++l) body(j, l);
+  for (int k = 0; k < 5; ++k)
+    for (int l = 0; l < kLanes; ++l) acc_io[k * kLanes + l] = a[k][l];
+}
+
+// R-backward output: rdz = rstd (rdxh - k2 - rxh k1 - xh k3) - q rstd dz
+template <typename S, bool RZ>
+inline void rdz_row(const S* __restrict z, const S* __restrict rz, const S* __restrict da,
+                    const S* __restrict rda, S* __restrict o, int64_t n, S mean, S rstd, S rmean,
+                    S q, S ga, S ug, S k0, S k1, S k2, S k3, S qr) {
+  for (int64_t j = 0; j < n; ++j) {
+    const S xh = (z[j] - mean) * rstd;
+    const S rzj = RZ ? rz[j] : S(0);
+    const S rxh = (rzj - rmean - xh * q) * rstd;
+    const S dz = rstd * (ga * da[j] - k0 - xh * k1);
+    const S rdxh = ga * rda[j] + ug * da[j];
+    o[j] = rstd * (rdxh - k2 - rxh * k1 - xh * k3) - qr * dz;
+  }
+}
+
 // Per-(t, c) work items over [0, T*C); each runs fn(t, c, scratch).
 template <typename F>
-void for_each_channel(const Geo& g, int64_t scratch_elems_bytes, F fn) {
+void for_each_channel(const Geo& g, int64_t scratch_bytes, F fn) {
   const int64_t items = g.T * g.C;
   // Grain: enough elements per range to amortize the parallel region; the decomposition into
   // (t, c) items (what each result depends on) does not change with it.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.M));
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<unsigned char> scratch(static_cast<size_t>(scratch_elems_bytes) + 64);
+    std::vector<unsigned char> scratch(static_cast<size_t>(scratch_bytes) + 64);
     for (int64_t i = i0; i < i1; ++i) fn(i / g.C, i % g.C, scratch.data());
   });
 }
@@ -319,51 +477,28 @@ void for_each_channel(const Geo& g, int64_t scratch_elems_bytes, F fn) {
 template <typename S>
 void bn_forward_kernel(const Geo& g, const S* z, const S* gamma, const S* beta, double eps,
                        S slope, S* out, S* mean_o, S* rstd_o, uint8_t* idx) {
-  for_each_channel(g, g.HW * sizeof(S), [&](int64_t t, int64_t c, unsigned char* scr) {
-    S* __restrict h = reinterpret_cast<S*>(scr);
-    const int64_t tc = t * g.C + c;
-    const int64_t HW = g.HW;
-    // pass 1a: mean
+  for_each_channel(g, g.HW * sizeof(S), [=, &g](int64_t t, int64_t c, unsigned char* scr) {
+    S* h = reinterpret_cast<S*>(scr);
+    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
+    const bool pool = g.pool != 0;
     double acc[kLanes] = {0};
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      int64_t j = 0;
-      for (; j + kLanes <= HW; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(zp[j + l]);
-      for (int l = 0; j < HW; ++j, ++l) acc[l] += static_cast<double>(zp[j]);
-    }
+    for (int64_t n = 0; n < N; ++n) sum_row(z + g.in(t, n, c), HW, acc);
     const double md = lanes_sum(acc) / static_cast<double>(g.M);
-    // pass 1b: biased variance about the mean
     double acc2[kLanes] = {0};
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      int64_t j = 0;
-      for (; j + kLanes <= HW; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const double d = static_cast<double>(zp[j + l]) - md;
-          acc2[l] += d * d;
-        }
-      for (int l = 0; j < HW; ++j, ++l) {
-        const double d = static_cast<double>(zp[j]) - md;
-        acc2[l] += d * d;
-      }
-    }
+    for (int64_t n = 0; n < N; ++n) sqdev_row(z + g.in(t, n, c), HW, md, acc2);
     const S var = static_cast<S>(lanes_sum(acc2) / static_cast<double>(g.M));
     const S mean = static_cast<S>(md);
     const S rstd = static_cast<S>(1.0 / std::sqrt(static_cast<double>(var + static_cast<S>(eps))));
     mean_o[tc] = mean;
     rstd_o[tc] = rstd;
     const S ga = gamma[tc], be = beta[tc];
-    // pass 2: out = pool(act(gamma * xh + beta))
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      S* __restrict dst = g.pool ? h : out + g.out(t, n, c);
-      for (int64_t j = 0; j < HW; ++j) {
-        const S xh = (zp[j] - mean) * rstd;
-        const S a = ga * xh + be;
-        dst[j] = a * (a > S(0) ? S(1) : slope);
+    for (int64_t n = 0; n < N; ++n) {
+      if (pool) {
+        fwd_row(z + g.in(t, n, c), h, HW, mean, rstd, ga, be, slope);
+        maxpool_slice(h, out + g.out(t, n, c), idx + g.out(t, n, c), g);
+      } else {
+        fwd_row(z + g.in(t, n, c), out + g.out(t, n, c), HW, mean, rstd, ga, be, slope);
       }
-      if (g.pool) maxpool_slice(h, out + g.out(t, n, c), idx + g.out(t, n, c), g);
     }
   });
 }
@@ -390,25 +525,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_pool_forward_cpu(const Tensor&
   return {out, mean, rstd, idx};
 }
 
-// ---------------------------------------------------------------------------------------------
-// Shared by backward and R-backward: da = (dh/da) * scatter(dout) for one slice, into `da`
-// (length HW), with `dh` a scratch slice when pooling.
-// ---------------------------------------------------------------------------------------------
-
+// da for one slice (length HW): scatter the pooled gradient into `dh` first when pooling.
 template <typename S>
-inline void da_slice(const Geo& g, const S* __restrict zp, const S* __restrict dop,
-                     const uint8_t* __restrict kp, S mean, S rstd, S ga, S be, S slope,
-                     S* __restrict dh, S* __restrict da) {
-  const S* __restrict d = dop;
+inline void da_slice(const Geo& g, const S* zp, const S* dop, const uint8_t* kp, S mean, S rstd,
+                     S ga, S be, S slope, S* dh, S* da) {
+  const S* d = dop;
   if (g.pool) {
     scatter_slice(dop, kp, dh, g);
     d = dh;
   }
-  for (int64_t j = 0; j < g.HW; ++j) {
-    const S xh = (zp[j] - mean) * rstd;
-    const S a = ga * xh + be;
-    da[j] = d[j] * (a > S(0) ? S(1) : slope);
-  }
+  da_row(zp, d, da, g.HW, mean, rstd, ga, be, slope);
 }
 
 // ----------------------------------------- backward -----------------------------------------
@@ -418,32 +544,18 @@ void bn_backward_kernel(const Geo& g, const S* dout, const S* z, const S* mean_,
                         const S* gamma, const S* beta, const uint8_t* idx, S slope, S* dz,
                         S* dgamma, S* dbeta) {
   // scratch: dh (HW) then da for the whole item (M)
-  for_each_channel(g, (g.HW + g.M) * sizeof(S), [&](int64_t t, int64_t c, unsigned char* scr) {
+  for_each_channel(g, (g.HW + g.M) * sizeof(S), [=, &g](int64_t t, int64_t c, unsigned char* scr) {
     S* dh = reinterpret_cast<S*>(scr);
     S* dabuf = dh + g.HW;
-    const int64_t tc = t * g.C + c;
-    const int64_t HW = g.HW;
+    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
     const S mean = mean_[tc], rstd = rstd_[tc], ga = gamma[tc], be = beta[tc];
     double a1[kLanes] = {0}, a2[kLanes] = {0};
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      S* __restrict da = dabuf + n * HW;
+    for (int64_t n = 0; n < N; ++n) {
+      const S* zp = z + g.in(t, n, c);
+      S* da = dabuf + n * HW;
       da_slice<S>(g, zp, dout + g.out(t, n, c), g.pool ? idx + g.out(t, n, c) : nullptr, mean,
                   rstd, ga, be, slope, dh, da);
-      int64_t j = 0;
-      for (; j + kLanes <= HW; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const double xh = static_cast<double>((zp[j + l] - mean) * rstd);
-          const double d = static_cast<double>(da[j + l]);
-          a1[l] += d;
-          a2[l] += d * xh;
-        }
-      for (int l = 0; j < HW; ++j, ++l) {
-        const double xh = static_cast<double>((zp[j] - mean) * rstd);
-        const double d = static_cast<double>(da[j]);
-        a1[l] += d;
-        a2[l] += d * xh;
-      }
+      sum2_row(zp, da, HW, mean, rstd, a1, a2);
     }
     const double sdb = lanes_sum(a1), sdg = lanes_sum(a2);
     dgamma[tc] = static_cast<S>(sdg);
@@ -452,15 +564,8 @@ void bn_backward_kernel(const Geo& g, const S* dout, const S* z, const S* mean_,
     // dz = rstd (gamma da - gamma dbeta / M - xh gamma dgamma / M)
     const S k0 = static_cast<S>(static_cast<double>(ga) * sdb * Minv);
     const S k1 = static_cast<S>(static_cast<double>(ga) * sdg * Minv);
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      const S* __restrict da = dabuf + n * HW;
-      S* __restrict o = dz + g.in(t, n, c);
-      for (int64_t j = 0; j < HW; ++j) {
-        const S xh = (zp[j] - mean) * rstd;
-        o[j] = rstd * (ga * da[j] - k0 - xh * k1);
-      }
-    }
+    for (int64_t n = 0; n < N; ++n)
+      dz_row(z + g.in(t, n, c), dabuf + n * HW, dz + g.in(t, n, c), HW, mean, rstd, ga, k0, k1);
   });
 }
 
@@ -494,33 +599,14 @@ template <typename S>
 void bn_rforward_kernel(const Geo& g, const S* rz, const S* z, const S* mean_, const S* rstd_,
                         const S* gamma, const S* beta, const S* ugamma, const S* ubeta,
                         const uint8_t* idx, S slope, S* rout, S* rmean_o, S* q_o) {
-  for_each_channel(g, g.HW * sizeof(S), [&](int64_t t, int64_t c, unsigned char* scr) {
-    S* __restrict rh = reinterpret_cast<S*>(scr);
-    const int64_t tc = t * g.C + c;
-    const int64_t HW = g.HW;
+  for_each_channel(g, g.HW * sizeof(S), [=, &g](int64_t t, int64_t c, unsigned char* scr) {
+    S* rh = reinterpret_cast<S*>(scr);
+    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
     const S mean = mean_[tc], rstd = rstd_[tc], ga = gamma[tc], be = beta[tc];
     // pass 1: rmean = mean rz, q = mean(xh rz)
     double a1[kLanes] = {0}, a2[kLanes] = {0};
-    if (rz != nullptr) {
-      for (int64_t n = 0; n < g.N; ++n) {
-        const S* __restrict zp = z + g.in(t, n, c);
-        const S* __restrict rp = rz + g.in(t, n, c);
-        int64_t j = 0;
-        for (; j + kLanes <= HW; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) {
-            const double xh = static_cast<double>((zp[j + l] - mean) * rstd);
-            const double r = static_cast<double>(rp[j + l]);
-            a1[l] += r;
-            a2[l] += xh * r;
-          }
-        for (int l = 0; j < HW; ++j, ++l) {
-          const double xh = static_cast<double>((zp[j] - mean) * rstd);
-          const double r = static_cast<double>(rp[j]);
-          a1[l] += r;
-          a2[l] += xh * r;
-        }
-      }
-    }
+    if (rz != nullptr)
+      for (int64_t n = 0; n < N; ++n) sum2_row(z + g.in(t, n, c), rz + g.in(t, n, c), HW, mean, rstd, a1, a2);
     const double Minv = 1.0 / static_cast<double>(g.M);
     const S rmean = static_cast<S>(lanes_sum(a1) * Minv);
     const S q = static_cast<S>(lanes_sum(a2) * Minv);
@@ -528,27 +614,13 @@ void bn_rforward_kernel(const Geo& g, const S* rz, const S* z, const S* mean_, c
     q_o[tc] = q;
     const S ug = ugamma ? ugamma[tc] : S(0), ub = ubeta ? ubeta[tc] : S(0);
     // pass 2: rxh = (rz - rmean - xh q) rstd, ra = gamma rxh + ug xh + ub, rh = act' ra, gather
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      S* __restrict dst = g.pool ? rh : rout + g.out(t, n, c);
-      if (rz != nullptr) {
-        const S* __restrict rp = rz + g.in(t, n, c);
-        for (int64_t j = 0; j < HW; ++j) {
-          const S xh = (zp[j] - mean) * rstd;
-          const S a = ga * xh + be;
-          const S rxh = (rp[j] - rmean - xh * q) * rstd;
-          const S ra = ga * rxh + ug * xh + ub;
-          dst[j] = ra * (a > S(0) ? S(1) : slope);
-        }
-      } else {
-        for (int64_t j = 0; j < HW; ++j) {
-          const S xh = (zp[j] - mean) * rstd;
-          const S a = ga * xh + be;
-          const S rxh = (-rmean - xh * q) * rstd;
-          const S ra = ga * rxh + ug * xh + ub;
-          dst[j] = ra * (a > S(0) ? S(1) : slope);
-        }
-      }
+    for (int64_t n = 0; n < N; ++n) {
+      const S* zp = z + g.in(t, n, c);
+      S* dst = g.pool ? rh : rout + g.out(t, n, c);
+      if (rz != nullptr)
+        rfwd_row<S, true>(zp, rz + g.in(t, n, c), dst, HW, mean, rstd, ga, be, rmean, q, ug, ub, slope);
+      else
+        rfwd_row<S, false>(zp, nullptr, dst, HW, mean, rstd, ga, be, rmean, q, ug, ub, slope);
       if (g.pool) gather_slice(rh, idx + g.out(t, n, c), rout + g.out(t, n, c), g);
     }
   });
@@ -591,50 +663,35 @@ void bn_rbackward_kernel(const Geo& g, const S* dout, const S* rdout, const S* z
                          const S* gamma, const S* beta, const S* ugamma, const uint8_t* idx,
                          S slope, S* rdz, S* rdgamma, S* rdbeta) {
   // scratch: dh (HW), da (M), rda (M)
-  for_each_channel(g, (g.HW + 2 * g.M) * sizeof(S), [&](int64_t t, int64_t c,
-                                                        unsigned char* scr) {
+  for_each_channel(g, (g.HW + 2 * g.M) * sizeof(S), [=, &g](int64_t t, int64_t c,
+                                                            unsigned char* scr) {
     S* dh = reinterpret_cast<S*>(scr);
     S* dabuf = dh + g.HW;
     S* rdabuf = dabuf + g.M;
-    const int64_t tc = t * g.C + c;
-    const int64_t HW = g.HW;
+    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
     const S mean = mean_[tc], rstd = rstd_[tc], ga = gamma[tc], be = beta[tc];
     const S rmean = rmean_[tc], q = q_[tc];
     const S ug = ugamma ? ugamma[tc] : S(0);
     // pass 1: da, rda and the sums S1 = sum da, S2 = sum da xh, S3 = sum rda, S4 = sum rda xh,
     // S5 = sum da rxh
-    double a1[kLanes] = {0}, a2[kLanes] = {0}, a3[kLanes] = {0}, a4[kLanes] = {0},
-           a5[kLanes] = {0};
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
+    double acc[5 * kLanes] = {0};
+    for (int64_t n = 0; n < N; ++n) {
+      const S* zp = z + g.in(t, n, c);
       const uint8_t* kp = g.pool ? idx + g.out(t, n, c) : nullptr;
-      S* __restrict da = dabuf + n * HW;
-      S* __restrict rda = rdabuf + n * HW;
+      S* da = dabuf + n * HW;
+      S* rda = rdabuf + n * HW;
       da_slice<S>(g, zp, dout + g.out(t, n, c), kp, mean, rstd, ga, be, slope, dh, da);
       if (rdout != nullptr)
         da_slice<S>(g, zp, rdout + g.out(t, n, c), kp, mean, rstd, ga, be, slope, dh, rda);
       else
         std::fill(rda, rda + HW, S(0));
-      const S* __restrict rp = rz ? rz + g.in(t, n, c) : nullptr;
-      auto body = [&](int64_t j, int l) {
-        const S xhs = (zp[j] - mean) * rstd;
-        const S rzj = rp ? rp[j] : S(0);
-        const S rxhs = (rzj - rmean - xhs * q) * rstd;
-        const double xh = static_cast<double>(xhs), rxh = static_cast<double>(rxhs);
-        const double d = static_cast<double>(da[j]), rd = static_cast<double>(rda[j]);
-        a1[l] += d;
-        a2[l] += d * xh;
-        a3[l] += rd;
-        a4[l] += rd * xh;
-        a5[l] += d * rxh;
-      };
-      int64_t j = 0;
-      for (; j + kLanes <= HW; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) body(j + l, l);
-      for (int l = 0; j < HW; ++j, ++l) body(j, l);
+      if (rz != nullptr)
+        rbwd_sums_row<S, true>(zp, rz + g.in(t, n, c), da, rda, HW, mean, rstd, rmean, q, acc);
+      else
+        rbwd_sums_row<S, false>(zp, nullptr, da, rda, HW, mean, rstd, rmean, q, acc);
     }
-    const double s1 = lanes_sum(a1), s2 = lanes_sum(a2), s3 = lanes_sum(a3), s4 = lanes_sum(a4),
-                 s5 = lanes_sum(a5);
+    const double s1 = lanes_sum(acc), s2 = lanes_sum(acc + kLanes), s3 = lanes_sum(acc + 2 * kLanes),
+                 s4 = lanes_sum(acc + 3 * kLanes), s5 = lanes_sum(acc + 4 * kLanes);
     rdgamma[tc] = static_cast<S>(s4 + s5);
     rdbeta[tc] = static_cast<S>(s3);
     const double Minv = 1.0 / static_cast<double>(g.M);
@@ -646,29 +703,14 @@ void bn_rbackward_kernel(const Geo& g, const S* dout, const S* rdout, const S* z
     const S k2 = static_cast<S>((gad * s3 + ugd * s1) * Minv);
     const S k3 = static_cast<S>((gad * s4 + ugd * s2 + gad * s5) * Minv);
     const S qr = q * rstd;
-    for (int64_t n = 0; n < g.N; ++n) {
-      const S* __restrict zp = z + g.in(t, n, c);
-      const S* __restrict da = dabuf + n * HW;
-      const S* __restrict rda = rdabuf + n * HW;
-      S* __restrict o = rdz + g.in(t, n, c);
-      if (rz != nullptr) {
-        const S* __restrict rp = rz + g.in(t, n, c);
-        for (int64_t j = 0; j < HW; ++j) {
-          const S xh = (zp[j] - mean) * rstd;
-          const S rxh = (rp[j] - rmean - xh * q) * rstd;
-          const S dz = rstd * (ga * da[j] - k0 - xh * k1);
-          const S rdxh = ga * rda[j] + ug * da[j];
-          o[j] = rstd * (rdxh - k2 - rxh * k1 - xh * k3) - qr * dz;
-        }
-      } else {
-        for (int64_t j = 0; j < HW; ++j) {
-          const S xh = (zp[j] - mean) * rstd;
-          const S rxh = (-rmean - xh * q) * rstd;
-          const S dz = rstd * (ga * da[j] - k0 - xh * k1);
-          const S rdxh = ga * rda[j] + ug * da[j];
-          o[j] = rstd * (rdxh - k2 - rxh * k1 - xh * k3) - qr * dz;
-        }
-      }
+    for (int64_t n = 0; n < N; ++n) {
+      const S* zp = z + g.in(t, n, c);
+      if (rz != nullptr)
+        rdz_row<S, true>(zp, rz + g.in(t, n, c), dabuf + n * HW, rdabuf + n * HW, rdz + g.in(t, n, c), HW,
+                         mean, rstd, rmean, q, ga, ug, k0, k1, k2, k3, qr);
+      else
+        rdz_row<S, false>(zp, nullptr, dabuf + n * HW, rdabuf + n * HW, rdz + g.in(t, n, c), HW, mean,
+                          rstd, rmean, q, ga, ug, k0, k1, k2, k3, qr);
     }
   });
 }

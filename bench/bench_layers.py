@@ -1,0 +1,180 @@
+"""Per-op timings of the task-batched layer kernels on the CPU: the reference
+(fastmaml/layers/reference.py: one grouped convolution for all tasks, plain PyTorch BatchNorm
+blocks), a plain serial per-task loop of ATen convolutions (each using all intra-op threads), and
+the C++ kernels (fastmaml/layers/cpp.py: tasks spread over the threads, fused BatchNorm blocks),
+at 1 and 2 threads, on the conv4 shapes (T = 32; N = 5 support or 75 query images per task).
+
+    python bench/bench_layers.py                 # prints a table, writes bench/results/layers_cpu.json
+    python bench/bench_layers.py --repeats 3 --n 5
+
+Medians of interleaved repeats (the implementations of one row alternate, so that machine noise
+hits them alike). A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fastmaml.layers import cpp as C  # noqa: E402
+from fastmaml.layers import reference as R  # noqa: E402
+
+EPS = 1e-5
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+# conv4 on 28x28 Omniglot: conv inputs 1@28, 64@14, 64@7, 64@3; BatchNorm blocks after each conv
+# see 64 channels at 28, 14, 7, 3 (then a 2x2 pool).
+CONV_LAYERS = [(1, 28), (64, 14), (64, 7), (64, 3)]
+BN_LAYERS = [28, 14, 7, 3]
+
+
+def serial_conv_forward(x, w, b, stride, padding):
+    return torch.stack([F.conv2d(x[t], w[t], b[t], stride=stride, padding=padding) for t in range(x.shape[0])])
+
+
+def serial_conv_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias):
+    dxs, dws = [], []
+    for t in range(x.shape[0]):
+        dx, dw, _ = torch.ops.aten.convolution_backward(dy[t], x[t], w[t], None, [stride, stride], [padding, padding],
+                                                        [1, 1], False, [0, 0], 1, [need_dx, need_dw, False])
+        dxs.append(dx)
+        dws.append(dw)
+    db = dy.sum(dim=(1, 3, 4)) if need_bias else None
+    return (torch.stack(dxs) if need_dx else None), (torch.stack(dws) if need_dw else None), db
+
+
+def rows(T: int, Ns, dtype):
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    for N in Ns:
+        for cin, hw in CONV_LAYERS:
+            x, w, b = rnd(T, N, cin, hw, hw), rnd(T, 64, cin, 3, 3) * 0.1, rnd(T, 64)
+            dy = rnd(T, N, 64, hw, hw)
+            need_dx = cin != 1  # the first layer's input gradient is never needed
+            shape = f"N={N} {cin}->64 @{hw}x{hw}"
+            yield ("conv fwd", shape, {
+                "reference": lambda x=x, w=w, b=b: R.conv2d_forward(x, w, b, 1, 1),
+                "serial": lambda x=x, w=w, b=b: serial_conv_forward(x, w, b, 1, 1),
+                "cpp": lambda x=x, w=w, b=b: C.conv2d_forward(x, w, b, 1, 1)})
+            args = (dy, x, w, 1, 1, need_dx, True, True)
+            yield ("conv bwd" + ("" if need_dx else " (no dx)"), shape, {
+                "reference": lambda a=args: R.conv2d_backward(*a),
+                "serial": lambda a=args: serial_conv_backward(*a),
+                "cpp": lambda a=args: C.conv2d_backward(*a)})
+        for hw in BN_LAYERS:
+            z, rz = rnd(T, N, 64, hw, hw), rnd(T, N, 64, hw, hw)
+            gm, bt, ug, ub = 1 + 0.1 * rnd(T, 64), rnd(T, 64), rnd(T, 64), rnd(T, 64)
+            out, mean, rstd, idx = R.bn_act_pool_forward(z, gm, bt, EPS, 0.0, 2)
+            d, rd = rnd(*out.shape), rnd(*out.shape)
+            _, rmean, q = R.bn_act_pool_rforward(rz, z, mean, rstd, gm, bt, ug, ub, idx, 0.0, 2)
+            shape = f"N={N} 64 @{hw}x{hw} relu pool2"
+            fa = (z, gm, bt, EPS, 0.0, 2)
+            ba = (d, z, mean, rstd, gm, bt, idx, 0.0, 2)
+            rfa = (rz, z, mean, rstd, gm, bt, ug, ub, idx, 0.0, 2)
+            rba = (d, rd, z, rz, mean, rstd, rmean, q, gm, bt, ug, idx, 0.0, 2)
+            for name, a in (("bn fwd", fa), ("bn bwd", ba), ("bn rfwd", rfa), ("bn rbwd", rba)):
+                fn = {"bn fwd": "bn_act_pool_forward", "bn bwd": "bn_act_pool_backward",
+                      "bn rfwd": "bn_act_pool_rforward", "bn rbwd": "bn_act_pool_rbackward"}[name]
+                yield (name, shape, {"reference": lambda a=a, f=getattr(R, fn): f(*a),
+                                     "cpp": lambda a=a, f=getattr(C, fn): f(*a)})
+
+
+def time_row(impls, repeats: int):
+    for fn in impls.values():  # warm-up (primitive creation, allocator)
+        fn()
+    times = {k: [] for k in impls}
+    for _ in range(repeats):
+        for k, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--n", type=int, nargs="+", default=[5, 75])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "layers_cpu.json"))
+    args = ap.parse_args(argv)
+    if not C.AVAILABLE:
+        print(f"C++ layer kernels unavailable: {C.REASON}")
+        return 1
+    dtype = getattr(torch, args.dtype)
+    old_threads = torch.get_num_threads()
+    results = []
+    hdr = f"{'op':<17} {'shape':<28} {'thr':>3} {'reference':>10} {'serial':>9} {'cpp':>9} {'ref/cpp':>8} {'ser/cpp':>8}"
+    print(f"torch {torch.__version__}, {machine()['cpu']}, T={args.tasks}, {args.dtype}, "
+          f"median of {args.repeats} (ms)")
+    print(hdr)
+    print("-" * len(hdr))
+    with torch.no_grad():
+        for op, shape, impls in rows(args.tasks, args.n, dtype):
+            for thr in args.threads:
+                torch.set_num_threads(thr)
+                ms = time_row(impls, args.repeats)
+                row = {"op": op, "shape": shape, "threads": thr, "ms": ms,
+                       "reference_over_cpp": ms["reference"] / ms["cpp"]}
+                if "serial" in ms:
+                    row["serial_over_cpp"] = ms["serial"] / ms["cpp"]
+                results.append(row)
+                ser = f"{ms['serial']:9.3f}" if "serial" in ms else f"{'-':>9}"
+                sr = f"{row['serial_over_cpp']:7.2f}x" if "serial" in ms else f"{'-':>8}"
+                print(f"{op:<17} {shape:<28} {thr:>3} {ms['reference']:10.3f} {ser} {ms['cpp']:9.3f} "
+                      f"{row['reference_over_cpp']:7.2f}x {sr}", flush=True)
+    torch.set_num_threads(old_threads)
+    totals = {}
+    for r in results:
+        key = (r["threads"], r["shape"].split()[0])
+        t = totals.setdefault(key, {"reference": 0.0, "cpp": 0.0})
+        t["reference"] += r["ms"]["reference"]
+        t["cpp"] += r["ms"]["cpp"]
+    print("\nsum over ops (ms):")
+    for (thr, n), t in sorted(totals.items()):
+        print(f"  threads={thr} {n}: reference {t['reference']:.2f}, cpp {t['cpp']:.2f} "
+              f"({t['reference'] / t['cpp']:.2f}x)")
+    doc = {"machine": machine(), "torch": torch.__version__, "parallel_backend_info":
+           torch.__config__.parallel_info().splitlines()[:6], "dtype": args.dtype, "tasks": args.tasks,
+           "repeats": args.repeats, "threads": args.threads, "unit": "ms (median)",
+           "load_average": os.getloadavg(), "rows": results,
+           "totals": [{"threads": k[0], "n": k[1], **v} for k, v in sorted(totals.items())]}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
