@@ -384,8 +384,19 @@ def train_main(args) -> int:
             from . import train
 
             return train.main(args)
+        _check_world(args, n)
         return launch(args, n)
     return _rank_main(args)
+
+
+def _check_world(args, world: int) -> None:
+    from . import configs
+    from .configs import UserError
+
+    config = configs.resolve(args.config, args.overrides)
+    if config["meta_batch"] < world:
+        raise UserError(f"meta_batch={config['meta_batch']} tasks cannot be shared by {world} processes: each "
+                        f"needs at least one (use at most {config['meta_batch']} processes, or --set meta_batch=N)")
 
 
 def _rank_main(args) -> int:
@@ -398,6 +409,12 @@ def _rank_main(args) -> int:
     timeout = float(getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
     if not timeout > 0:
         raise UserError(f"--dist-timeout {timeout:g}: expected a positive number of seconds")
+    try:
+        _check_world(args, world)
+    except UserError as e:
+        if rank == 0:
+            raise
+        return e.code  # every rank finds the same mistake: rank 0 alone reports it
     device = train.resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -572,8 +589,8 @@ def launch(args, nproc: int, grace_s: float = 5.0) -> int:
         return 0
     r, c = first_fail
     how = f"was killed by {signal.Signals(-c).name}" if c < 0 else f"exited with status {c}"
-    if c == 130:
-        return 130
+    if c in (2, 130):  # a user error (rank 0 printed it) or a requested stop: nothing to add
+        return c
     print(f"fastmaml: error: rank {r} of {nproc} {how}; the other ranks were stopped. The run folder's last "
           "checkpoint is intact: continue with --resume", file=sys.stderr)
     return c if c > 0 else 1

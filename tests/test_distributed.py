@@ -99,6 +99,15 @@ def test_task_slice():
         task_slice(3, 0, 4)
 
 
+def test_nproc_checks_before_starting_anything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "sinusoid-tiny", "--out", str(out), "--nproc", "5"]) == 2
+    assert "meta_batch=4 tasks cannot be shared by 5 processes" in capsys.readouterr().err
+    assert cli.main(["train", "sinusoid-tiny", "--out", str(out), "--nproc", "0"]) == 2
+    assert "--nproc 0: expected a positive int" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_two_processes_give_the_one_process_meta_gradient(tmp_path):
     from fastmaml.distributed import _free_port
 
