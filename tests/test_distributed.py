@@ -145,16 +145,19 @@ def params(run_dir):
     return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
 
 
-def test_two_processes_train_like_one(tmp_path):
-    common = ["sinusoid-tiny", "--quiet", "--threads", "1", "--set", "iterations=20", "val_every=10",
-              "checkpoint_every=10"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+def _in_process(argv, capsys=None):
     threads = torch.get_num_threads()
     try:
-        assert cli.main(["train", *common[:1], "--out", one, *common[1:]]) == 0
+        return cli.main(argv)
     finally:
         torch.set_num_threads(threads)
-    r, _ = train([*common[:1], "--out", two, "--nproc", "2", *common[1:]])
+
+
+def test_two_processes_train_like_one_and_a_killed_run_resumes_exactly(tmp_path, capsys):
+    common = ["--quiet", "--threads", "1", "--set", "iterations=20", "val_every=10", "checkpoint_every=10"]
+    one, two, killed = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "killed")
+    assert _in_process(["train", "sinusoid-tiny", "--out", one, *common]) == 0
+    r, _ = train(["sinusoid-tiny", "--out", two, "--nproc", "2", *common])
     assert r.returncode == 0, r.stderr
     a, b = params(one), params(two)
     assert a["world_size"] == 1 and b["world_size"] == 2 and b["iteration"] == 20
@@ -169,22 +172,26 @@ def test_two_processes_train_like_one(tmp_path):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
     assert r.stdout.count("trained sinusoid-tiny") == 1
 
-
-def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path):
-    run = str(tmp_path / "run")
-    args = ["sinusoid-tiny", "--out", run, "--quiet", "--threads", "1", "--dist-timeout", "20", "--set",
-            "iterations=30", "val_every=0", "checkpoint_every=10"]
-    r, took = train([*args, "--nproc", "2"], env=dict(_env(), FASTMAML_FAULT="1:15:kill"))
+    # kill rank 1 at iteration 15: the job ends non-zero at once, the checkpoint of iteration 10 stays
+    r, took = train(["sinusoid-tiny", "--out", killed, "--nproc", "2", "--dist-timeout", "20", *common],
+                    env=dict(_env(), FASTMAML_FAULT="1:15:kill"))
     assert r.returncode != 0
     assert "rank 1 of 2 was killed by SIGKILL" in r.stderr, r.stderr
     assert took < 120, took
-    state = params(run)
+    state = params(killed)
     assert state["iteration"] == 10 and state["world_size"] == 2
-    # the run folder resumes; in another world size, with a clear warning
-    r, _ = train([*args, "--resume"])
+    # resumed in 2 processes, it ends bitwise where the uninterrupted run did
+    r, _ = train(["sinusoid-tiny", "--out", killed, "--nproc", "2", "--resume", *common])
     assert r.returncode == 0, r.stderr
-    assert "written by a run of 2 process(es), this run has 1" in r.stderr
-    assert params(run)["iteration"] == 30
+    c = params(killed)
+    assert c["iteration"] == 20 and all(torch.equal(b["model"][k], c["model"][k]) for k in b["model"])
+
+    # resumed in another world size: it goes on, and says that the run is no longer bitwise reproducible
+    capsys.readouterr()
+    assert _in_process(["train", "sinusoid-tiny", "--out", two, "--resume", *common[:-3], "iterations=22",
+                        "val_every=10", "checkpoint_every=10"]) == 0
+    assert "written by a run of 2 process(es), this run has 1" in capsys.readouterr().err
+    assert params(two)["iteration"] == 22
 
 
 def test_hung_rank_ends_the_job_after_the_timeout(tmp_path):
