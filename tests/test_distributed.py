@@ -5,8 +5,9 @@
   parameter checksum catches a drift of 1e-12 on one rank;
 * ``fastmaml train sinusoid-tiny --nproc 2``: the same parameters as 1 process after 20 steps
   (float32, 1e-5 relative); rank 0 alone writes; the checkpoint holds the world size;
-* a rank killed mid-run ends the job non-zero within the timeout, and the run folder resumes (here
-  in 1 process, which says that the world size differs); a hung rank ends it after --dist-timeout;
+* a rank killed mid-run ends the job non-zero within the timeout, and the run folder resumes: in 2
+  processes bitwise where the uninterrupted run ended, in 1 process with a warning that the world
+  size differs; a hung rank ends the job after --dist-timeout;
   SIGTERM stops every rank after the same iteration, with a checkpoint.
 
 This file is also the workers' script: ``python test_distributed.py worker RANK WORLD PORT OUT``.
