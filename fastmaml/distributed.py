@@ -47,7 +47,7 @@ from torch import Tensor
 
 DEFAULT_TIMEOUT_S = 600.0
 CHECK_EVERY = 50  # iterations between two parameter checksums in training
-FAULT_ENV = "FASTMAML_FAULT"  # tests: "RANK:ITER:kill" or "RANK:ITER:hang"
+FAULT_ENV = "FASTMAML_FAULT"  # tests: "RANK:ITER:kill", "RANK:ITER:hang" or "RANK:ITER:drift"
 
 
 class ParameterDrift(RuntimeError):
@@ -224,7 +224,7 @@ class Context:
         global metrics as a MetaStepOutput and sets ``stop.requested`` when any rank asked to stop."""
         from .maml import MetaStepOutput
 
-        _fault(self.rank, it)
+        _fault(self.rank, it, learner)
         self._hook_signals(stop)
         n = out.task_losses.numel()
         acc = out.task_accuracy
@@ -241,8 +241,10 @@ class Context:
             if it == 1 or it - self.last_check >= CHECK_EVERY:
                 self.last_check = it
                 check_in_sync(learner, f"after the all-reduce of iteration {it}")
-        except ParameterDrift:
-            raise
+        except ParameterDrift as e:
+            from .train import TrainingError
+
+            raise TrainingError(f"rank {self.rank}/{self.world}: {e}") from None
         except RuntimeError as e:
             raise self.fail(f"the all-reduce of iteration {it}", e) from None
         red = red.double().cpu()
@@ -294,8 +296,10 @@ class Context:
     def final_check(self, learner) -> None:
         try:
             check_in_sync(learner, "at the end of training")
-        except ParameterDrift:
-            raise
+        except ParameterDrift as e:
+            from .train import TrainingError
+
+            raise TrainingError(f"rank {self.rank}/{self.world}: {e}") from None
         except RuntimeError as e:
             raise self.fail("the final parameter check", e) from None
 
@@ -339,8 +343,9 @@ def current() -> Optional[Context]:
     return _CONTEXT
 
 
-def _fault(rank: int, it: int) -> None:
-    """Test hook: ``FASTMAML_FAULT=RANK:ITER:kill|hang`` kills (SIGKILL) or hangs that rank there."""
+def _fault(rank: int, it: int, learner=None) -> None:
+    """Test hook: ``FASTMAML_FAULT=RANK:ITER:kill|hang|drift`` kills (SIGKILL) or hangs that rank
+    there, or changes one of its parameters by 1e-6 (relative)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -348,6 +353,11 @@ def _fault(rank: int, it: int) -> None:
     if int(r) == rank and int(i) == it:
         if what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if what == "drift":
+            with torch.no_grad():
+                p = trainable(learner)[0].view(-1)
+                p[0] += 1e-6 * (abs(float(p[0])) + 1e-6)
+            return
         while True:
             time.sleep(3600)
 

@@ -8,7 +8,8 @@
 * a rank killed mid-run ends the job non-zero within the timeout, and the run folder resumes: in 2
   processes bitwise where the uninterrupted run ended, in 1 process with a warning that the world
   size differs; a hung rank ends the job after --dist-timeout;
-  SIGTERM stops every rank after the same iteration, with a checkpoint.
+  SIGTERM stops every rank after the same iteration, with a checkpoint; parameters that drift
+  apart end the run with an error.
 
 This file is also the workers' script: ``python test_distributed.py worker RANK WORLD PORT OUT``.
 """
@@ -203,6 +204,13 @@ def test_hung_rank_ends_the_job_after_the_timeout(tmp_path):
     assert "rank 0/2: the all-reduce of iteration 3 failed" in r.stderr, r.stderr
     assert "--dist-timeout 10s" in r.stderr
     assert took < 90, took
+
+
+def test_parameter_drift_fails_loudly(tmp_path):
+    r, _ = train(["sinusoid-tiny", "--out", str(tmp_path / "run"), "--quiet", "--threads", "1", "--nproc", "2",
+                  "--set", "iterations=30", "val_every=0"], env=dict(_env(), FASTMAML_FAULT="1:1:drift"))
+    assert r.returncode == 1
+    assert "the ranks' parameters differ after the all-reduce of iteration 1" in r.stderr, r.stderr
 
 
 def test_sigterm_stops_every_rank_after_the_same_iteration(tmp_path):
