@@ -2,6 +2,8 @@
 solve per task in float64 (adapted and non-adapted parameters), the proximal inner loop against a
 per-task loop, the CG vector kernels against their reference, and bad settings."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,7 +114,18 @@ def test_cg_kernels_match_reference(dtype, tol):
     alpha = torch.randn(T, generator=g).to(dtype)
     alpha[1] = 0.0  # a converged task
     want = cg_kernels.cg_step(x, r, p, ap, alpha, backend="torch")
-    for backend in ("auto",) + (("cpp",) if cg_kernels.cg_backend(x) == "cpp" else ()):
+    backends = ("auto",) + (("cpp",) if cg_kernels.cg_backend(x) == "cpp" else ())
+    try:
+        import fastmaml.triton.cg_ops  # noqa: F401
+
+        if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+            backends += ("triton",)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        x, r, p, ap, alpha = (t.cuda() for t in (x, r, p, ap, alpha))
+        want = tuple(w.cuda() for w in want)
+    for backend in backends:
         got = cg_kernels.cg_step(x, r, p, ap, alpha, backend=backend)
         for a, b in zip(got, want):
             assert torch.allclose(a, b, rtol=tol, atol=tol)

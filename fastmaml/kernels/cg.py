@@ -3,8 +3,9 @@
 ``cg_step(x, r, p, Ap, alpha) -> (x + alpha p, r - alpha Ap, ||r_new||^2 per task)`` and
 ``cg_direction(r, p, beta) -> r + beta p`` over [T, P], with [T] coefficients (see
 :mod:`fastmaml.reference.cg_ops` for the semantics). Backends: ``cpp`` (the C++ CPU kernels of
-``fastmaml._C``, ``csrc/cg_ops.cpp``) and ``torch`` (the reference; also what the op namespace runs
-on other devices, or when the extension is not built). The ops have fake kernels (``torch.compile``,
+``fastmaml._C``, ``csrc/cg_ops.cpp``), ``triton`` (:mod:`fastmaml.triton.cg_ops`; auto on CUDA
+tensors, on the CPU only under ``TRITON_INTERPRET=1``) and ``torch`` (the reference; also what the op
+namespace runs on other devices, or when the extension is not built). The ops have fake kernels (``torch.compile``,
 ``opcheck``); they are not differentiable (CG runs outside autograd).
 """
 
@@ -25,7 +26,7 @@ CG_SCHEMAS = {
     "cg_step": "cg_step(Tensor x, Tensor r, Tensor p, Tensor Ap, Tensor alpha) -> (Tensor, Tensor, Tensor)",
     "cg_direction": "cg_direction(Tensor r, Tensor p, Tensor beta) -> Tensor",
 }
-CG_BACKENDS = ("auto", "torch", "cpp")
+CG_BACKENDS = ("auto", "torch", "cpp", "triton")
 
 _lock = threading.Lock()
 _state = {"compiled": None, "lib": None}
@@ -84,6 +85,17 @@ def cg_backend(t: Tensor, backend: Optional[str] = None) -> str:
     compiled = _setup()
     if backend == "torch":
         return "torch"
+    if backend == "triton" or (backend == "auto" and t.device.type == "cuda"):
+        try:
+            from ..triton import cg_ops  # noqa: F401
+        except ImportError as e:
+            if backend == "triton":
+                raise RuntimeError(f"CG kernels: backend 'triton' cannot run here ({e})") from None
+            return "torch"
+        if t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return "triton"
+        if backend == "triton":
+            raise RuntimeError("CG kernels: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     ok = compiled and t.device.type == "cpu"
     if backend == "cpp" and not ok:
         why = "tensors are not on the CPU" if compiled else "fastmaml._C was built without csrc/cg_ops.cpp"
@@ -108,14 +120,24 @@ def cg_step(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor,
             backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(x + alpha p, r - alpha Ap, ||r_new||^2 per task): one pass over [T, P]."""
     _check("cg_step", x, (("r", r), ("p", p), ("Ap", Ap)), "alpha", alpha)
-    if cg_backend(x, backend) == "torch":
+    which = cg_backend(x, backend)
+    if which == "torch":
         return reference.cg_step(x, r, p, Ap, alpha)
+    if which == "triton":
+        from ..triton import cg_ops
+
+        return cg_ops.cg_step(x, r, p, Ap, alpha)
     return torch.ops.fastmaml_cg.cg_step(x, r, p, Ap, alpha)
 
 
 def cg_direction(r: Tensor, p: Tensor, beta: Tensor, backend: Optional[str] = None) -> Tensor:
     """r + beta p over [T, P]."""
     _check("cg_direction", r, (("p", p),), "beta", beta)
-    if cg_backend(r, backend) == "torch":
+    which = cg_backend(r, backend)
+    if which == "torch":
         return reference.cg_direction(r, p, beta)
+    if which == "triton":
+        from ..triton import cg_ops
+
+        return cg_ops.cg_direction(r, p, beta)
     return torch.ops.fastmaml_cg.cg_direction(r, p, beta)
