@@ -404,6 +404,10 @@ def _check_world(args, world: int) -> None:
     from .configs import UserError
 
     config = configs.resolve(args.config, args.overrides)
+    if config.get("algorithm") == "reptile" and config.get("reptile_variant") == "serial":
+        raise UserError("serial Reptile adapts the tasks of a meta-batch in turn, each from the previous "
+                        "one's result, so they cannot be shared by several processes; use --set "
+                        "reptile_variant=batched, or 1 process")
     if config["meta_batch"] < world:
         raise UserError(f"meta_batch={config['meta_batch']} tasks cannot be shared by {world} processes: each "
                         f"needs at least one (use at most {config['meta_batch']} processes, or --set meta_batch=N)")
