@@ -156,3 +156,22 @@ def test_bad_settings():
         batched_cg(lambda p: p, torch.ones(1, 2), 0, 0.0)
     with pytest.raises(ValueError, match="alpha must be"):
         cg_kernels.cg_step(*(torch.zeros(2, 3),) * 4, torch.zeros(3))
+
+
+def test_memory_does_not_depend_on_the_inner_steps(monkeypatch):
+    """Only phi_K and one HVP state are kept: every inner step's support gradient is taken without a
+    graph, and exactly one state (at phi_K) is made, whatever K."""
+    model = _model()
+    sx, sy, qx, qy = _data()
+    for K in (1, 6):
+        learner = IMAML(model, inner_lr=0.25, inner_steps=K, lam=2.0, cg_steps=3)
+        calls = []
+        orig = learner.engine.support_grad
+
+        def spy(theta, x, y, loss_fn, create_graph, _orig=orig):
+            calls.append(create_graph)
+            return _orig(theta, x, y, loss_fn, create_graph)
+
+        monkeypatch.setattr(learner.engine, "support_grad", spy)
+        learner.meta_step(sx, sy, qx, qy)
+        assert calls == [False] * K + [True]
