@@ -107,6 +107,8 @@ def test_nproc_checks_before_starting_anything(tmp_path, capsys):
     assert "meta_batch=4 tasks cannot be shared by 5 processes" in capsys.readouterr().err
     assert cli.main(["train", "sinusoid-tiny", "--out", str(out), "--nproc", "0"]) == 2
     assert "--nproc 0: expected a positive int" in capsys.readouterr().err
+    assert cli.main(["train", "reptile-sinusoid", "--out", str(out), "--nproc", "2"]) == 2
+    assert "serial Reptile adapts the tasks of a meta-batch in turn" in capsys.readouterr().err
     assert not out.exists()
 
 
