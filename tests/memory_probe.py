@@ -40,7 +40,7 @@ def main() -> None:
     sy = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous()
     qy = torch.arange(ways).repeat_interleave(queries).expand(T, -1).contiguous()
     learner = fastmaml.MAML(conv4(), inner_lr=0.4, inner_steps=K, backend=backend, memory=memory)
-    learner._output_features(sx)  # the one-task probe forward happens before the baseline
+    learner._output_shape(sx)  # the one-task probe forward happens before the baseline
     baseline = peak_rss()
     learner.meta_step(sx, sy, qx, qy)
     print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
