@@ -163,9 +163,11 @@ class Engine:
 
     def forward_steps(self, theta_start: Tensor, k0: int, k1: int, x, y, loss_fn, lr, ops,
                       keep_states: Union[bool, str], support_losses: Optional[Tensor],
-                      query_examples: int = 0):
+                      query_examples: int = 0, keep_grads: bool = True):
         """Run inner steps k0..k1-1 from theta_{k0}. Returns the iterates theta_{k0}..theta_{k1}, the
-        support gradients g_{k0}..g_{k1-1}, and ``kept``: step -> the HVP state of that step.
+        support gradients g_{k0}..g_{k1-1} (None for the steps whose gradient is neither asked for by
+        ``keep_grads`` nor part of a kept state: [T, P] each, which at small T outweighs the
+        activations), and ``kept``: step -> the HVP state of that step.
 
         ``keep_states``: False (none), 'last' (step k1-1: its HVP needs no recomputation) or 'budget'
         (fused path: the last step, and earlier ones while their activations total at most
@@ -189,7 +191,7 @@ class Engine:
                 else:
                     kept[k] = state
             g = g.detach()
-            grads.append(g)
+            grads.append(g if keep_grads or k in kept else None)
             rate, seg = self._rate(k, lr, theta.device)
             theta = ops.inner_update(theta, g, rate, seg)
             iterates.append(theta)
@@ -221,7 +223,8 @@ class Engine:
             policy = ("budget" if fused and memory == "store" else "last") if last else False
             its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
                                                     keep_states=policy, support_losses=support_losses,
-                                                    query_examples=query_examples)
+                                                    query_examples=query_examples,
+                                                    keep_grads=first_order and self.inner_lr.learnable)
             kept.update(kept_here)
             if memory == "store":
                 checkpoints, stored_grads = its[:-1], gs
