@@ -224,7 +224,7 @@ class Engine:
             its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
                                                     keep_states=policy, support_losses=support_losses,
                                                     query_examples=query_examples,
-                                                    keep_grads=first_order and self.inner_lr.learnable)
+                                                    keep_grads=first_order)
             kept.update(kept_here)
             if memory == "store":
                 checkpoints, stored_grads = its[:-1], gs
@@ -385,7 +385,7 @@ class InnerLoop:
     ops: object
     c: int                      # checkpoint spacing (K in store mode)
     checkpoints: List[Tensor]   # store: theta_0..theta_{K-1}; recompute: every c-th iterate
-    stored_grads: List[Tensor]  # store: g_0..g_{K-1}
+    stored_grads: List[Optional[Tensor]]  # store: g_0..g_{K-1} (first order; else those of kept states)
     kept: Dict[int, object]     # step -> HVP state kept from the forward
     theta_K: Tensor             # [T, P], detached
     support_losses: Tensor      # [K, T]
