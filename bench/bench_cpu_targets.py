@@ -108,6 +108,30 @@ def fused_flops(workload: str, T: int, K: int) -> int:
     return count[0]
 
 
+def finish(rows: List[Dict[str, object]], peaks: Dict[int, float], args) -> str:
+    """Ratios, scaling and the gradient verdict for the rows so far; prints the table and writes
+    the JSON (after every workload and thread count, so that a run cut short keeps what it measured)."""
+    for row in rows:
+        same = [x for x in rows if x["workload"] == row["workload"] and x["threads"] == row["threads"]]
+        for other in ("learn2learn", "engine-loop"):
+            o = next((x for x in same if x["impl"] == other), None)
+            if o is not None:
+                row[f"speedup_vs_{other}"] = round(o["ms"] / row["ms"], 3)
+        one = next((x for x in rows if x["workload"] == row["workload"] and x["impl"] == row["impl"]
+                    and x["threads"] == 1), None)
+        if one is not None and row["threads"] != 1:
+            row["scaling_vs_1_thread"] = round(one["ms"] / row["ms"], 3)
+        tol = max(1e-3, 3 * (row["ref32_rel_err"] or 0))
+        row["same_gradient"] = row["grad_rel_err"] is not None and row["grad_rel_err"] <= tol
+    cols = ["workload", "threads", "impl", "ms", "speedup_vs_learn2learn", "speedup_vs_engine-loop",
+            "scaling_vs_1_thread", "gflops", "fraction_of_peak", "grad_rel_err", "same_gradient"]
+    print(table(rows, cols))
+    path = write_json(f"{args.name}_cpu", dict(machine=machine("cpu"), gemm_peak_gflops=peaks,
+                                               load_average_end=os.getloadavg(), rows=rows,
+                                               method=__doc__.split("\n\n")[1]), args.out)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", default=["omniglot-5w1s-train", "omniglot-5w1s"])
@@ -166,24 +190,8 @@ def main() -> int:
                     row["fraction_of_peak"] = round(row["gflops"] / peaks[threads], 3)
                     row["flops_per_step"] = flops
                 rows.append(row)
-    for row in rows:
-        same = [x for x in rows if x["workload"] == row["workload"] and x["threads"] == row["threads"]]
-        for other in ("learn2learn", "engine-loop"):
-            o = next((x for x in same if x["impl"] == other), None)
-            if o is not None:
-                row[f"speedup_vs_{other}"] = round(o["ms"] / row["ms"], 3)
-        one = next((x for x in rows if x["workload"] == row["workload"] and x["impl"] == row["impl"]
-                    and x["threads"] == 1), None)
-        if one is not None and row["threads"] != 1:
-            row["scaling_vs_1_thread"] = round(one["ms"] / row["ms"], 3)
-        tol = max(1e-3, 3 * (row["ref32_rel_err"] or 0))
-        row["same_gradient"] = row["grad_rel_err"] is not None and row["grad_rel_err"] <= tol
-    cols = ["workload", "threads", "impl", "ms", "speedup_vs_learn2learn", "speedup_vs_engine-loop",
-            "scaling_vs_1_thread", "gflops", "fraction_of_peak", "grad_rel_err", "same_gradient"]
-    print(table(rows, cols))
-    path = write_json(f"{args.name}_cpu", dict(machine=machine("cpu"), gemm_peak_gflops=peaks,
-                                               load_average_end=os.getloadavg(), rows=rows,
-                                               method=__doc__.split("\n\n")[1]), args.out)
+            finish(rows, peaks, args)
+    path = finish(rows, peaks, args)
     print("wrote", path)
     return 0
 
