@@ -251,3 +251,22 @@ def test_conv2d_gradcheck(K, stride):
 
     assert torch.autograd.gradcheck(Conv.apply, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()),
                                     eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)])
+def test_conv2d_backward_per_task_equals_grouped(need):
+    """The per-task ATen backward (the CPU's choice for large per-task batches) computes what the
+    grouped one does, and both match autograd per task."""
+    g = torch.Generator().manual_seed(31)
+    x, w = rnd(3, 17, 4, 7, 6, g=g), rnd(3, 5, 4, 3, 3, g=g)
+    dy = rnd(3, 17, 5, 7, 6, g=g)
+    a = L.conv2d_backward(dy, x, w, 1, 1, *need)
+    b = L.conv2d_backward_per_task(dy, x, w, 1, 1, *need)
+    _, pull = vjp(lambda x_, w_: oracle_conv(x_, w_, None, 1, 1), x, w)
+    dx_ref, dw_ref = pull(dy)
+    for got, want in zip(b, (dx_ref if need[0] else None, dw_ref if need[1] else None, dy.sum(dim=(1, 3, 4)) if need[2] else None)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert rel([got], [want]) < TOL
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None) and (u is None or rel([u], [v]) < 1e-14)

@@ -57,15 +57,23 @@ def _cpp():
     return _namespace("cpp", **impls), ""
 
 
+# Examples per task from which one ATen convolution backward per task beats the grouped call on
+# the CPU (measured at conv4's 64-channel layers, 1 thread: N = 75 per-task 1.3-1.7x faster, N = 5
+# grouped 1.4x faster).
+PER_TASK_BACKWARD_MIN_N = 16
+
+
 def _cpu_conv_backward(per_task):
     """The faster convolution backward per shape on the CPU (bench/bench_layers.py): the C++
     per-task kernel for one-input-channel layers (a weight gradient only, where the grouped
     convolution lowers to a slow depthwise kernel); for the others oneDNN's grouped convolution
-    backward over all tasks at once, which beat the per-task im2col + GEMM weight gradient at every
-    64-channel shape of conv4 (N = 5 and 75 images per task, 1 thread)."""
+    backward over all tasks at once for small per-task batches, one ATen backward per task for
+    large ones (both beat the C++ per-task im2col + GEMM weight gradient at conv4's shapes)."""
     def conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias):
         if x.shape[2] == 1:
             return per_task(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
+        if x.shape[1] >= PER_TASK_BACKWARD_MIN_N:
+            return reference.conv2d_backward_per_task(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
         return reference.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
     return conv2d_backward
 

@@ -79,6 +79,26 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, stride: int, padding: int,
     return dx, dw, db
 
 
+def conv2d_backward_per_task(dy: Tensor, x: Tensor, w: Tensor, stride: int, padding: int, need_dx: bool,
+                             need_dw: bool, need_bias: bool) -> Tuple[Opt, Opt, Opt]:
+    """conv2d_backward as one ATen convolution backward per task (same results: each task is one
+    group of the grouped convolution); on the CPU faster than the grouped call for large
+    per-task batches (bench/bench_layers.py)."""
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
+    if need_dx or need_dw:
+        for t in range(x.shape[0]):
+            a, b, _ = torch.ops.aten.convolution_backward(
+                dy[t], x[t], w[t], None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
+                [need_dx, need_dw, False])
+            if need_dx:
+                dx[t] = a
+            if need_dw:
+                dw[t] = b
+    db = dy.sum(dim=(1, 3, 4)) if need_bias else None
+    return dx, dw, db
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear: y[t] = x[t] @ w[t]^T + b[t]                  x [T, N, I], w [T, O, I]
 # ---------------------------------------------------------------------------------------------
