@@ -102,6 +102,17 @@ class FusedModel:
             self._trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         return name in self._trainable_names
 
+    def _put(self, name: Optional[str], value: Optional[Tensor], views: Dict[str, Tensor],
+             shared_out: Dict[str, Tensor], shared: bool) -> None:
+        """Route a per-task parameter gradient [T, *shape]: an adapted parameter's into its view of
+        the [T, P] result, a shared trainable one's (when ``shared``) summed over tasks."""
+        if name is None or value is None:
+            return
+        if name in self.adapted:
+            views[name].copy_(value)
+        elif shared and self._trainable(name):
+            shared_out[name] = value.sum(0)
+
     # -- forward ---------------------------------------------------------------------------------
     def _forward(self, params: Dict[str, Tensor], x: Tensor, save: bool) -> Tuple[Tensor, List[dict]]:
         K = self.kernels
@@ -186,12 +197,7 @@ class FusedModel:
         shared_grads: Dict[str, Tensor] = {}
 
         def put(name: Optional[str], value: Optional[Tensor]) -> None:
-            if name is None or value is None:
-                return
-            if name in self.adapted:
-                gviews[name].copy_(value)
-            elif shared and self._trainable(name):
-                shared_grads[name] = value.sum(0)
+            self._put(name, value, gviews, shared_grads, shared)
 
         K = self.kernels
         for i in reversed(range(len(self.nodes))):
@@ -301,12 +307,7 @@ class FusedModel:
         shared_terms: Dict[str, Tensor] = {}
 
         def put(name: Optional[str], value: Optional[Tensor]) -> None:
-            if name is None or value is None:
-                return
-            if name in self.adapted:
-                hviews[name].copy_(value)
-            elif shared and self._trainable(name):
-                shared_terms[name] = value.sum(0)
+            self._put(name, value, hviews, shared_terms, shared)
 
         for i in reversed(range(len(self.nodes))):
             node, s, need_dx = self.nodes[i], saved[i], self._need_dx[i]
