@@ -29,7 +29,7 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from .engine import Engine
-from .functional import TaskBatchedModel, batch_statistics, is_classification
+from .functional import TaskBatchedModel, is_classification
 
 __all__ = ["AdaptFunction", "TaskInputs", "resolve_loss", "is_general", "num_tasks"]
 
@@ -101,20 +101,11 @@ def num_tasks(tree) -> int:
 
 
 class _GeneralBatchedModel(TaskBatchedModel):
+    """TaskBatchedModel whose inputs may be several tensors per example (``TaskInputs``)."""
+
     def _one_task(self, params: Dict[str, Tensor], x) -> Tensor:
         args = x.items if isinstance(x, TaskInputs) else (x,)
         return functional_call(self.model, params, args)
-
-    def forward(self, flat: Tensor, x) -> Tensor:
-        if flat.dim() == 1:
-            flat = flat.expand(x.shape[0], -1)
-        batching = self.batching
-        if batching == "auto":
-            batching = "loop" if flat.device.type == "cpu" and self._has_conv else "vmap"
-        with batch_statistics(self.model):
-            if batching == "vmap":
-                return vmap(self._one_task)(self.layout.views(flat), x)
-            return torch.stack([self._one_task(self.layout.views(row), x[t]) for t, row in enumerate(flat.unbind(0))])
 
 
 def _task(tree, t: int):
