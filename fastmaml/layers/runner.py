@@ -247,7 +247,6 @@ class FusedModel:
         K = self.kernels
         params, saved = state.params, state.saved
         U = self._direction(u)
-        T = u.shape[0]
 
         # R-forward: r is R{h}; None is an exact zero (the input has none).
         r: Optional[Tensor] = None
