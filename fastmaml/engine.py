@@ -23,6 +23,13 @@ Two paths run the model for all tasks (``Engine.path``):
 * ``generic``: any other model or a user ``loss_fn``: ``torch.func.vmap`` (or a loop over tasks) of
   the module, support gradients by autograd and the HVP by autograd's double backward.
 
+Per-step parameters (MAML++'s per-step BatchNorm weights, :mod:`fastmaml.step_context`): every
+model call runs at an inner step: the support pass at theta_k (inner step k, its recomputations and
+HVP included) at step k, the query pass at theta_k (k = 1..K, the multi-step terms and theta_K) at
+step k - 1. The generic path reads it from the step context set here; the fused path gets it as an
+argument (and keeps it in the HVP state). ``Engine.forward`` runs at the step it is given, or the
+enclosing context's.
+
 Memory: ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the last step's support
 activations and, on the fused path, earlier steps' support activations while they total at most
 ``STORE_FRACTION`` of the query pass's (so peak memory stays flat in K); other steps' support
@@ -42,6 +49,7 @@ from torch.profiler import record_function
 
 from . import kernels
 from . import layers
+from . import step_context
 from .functional import LossFn, TaskBatchedModel, is_classification, task_accuracy, task_losses
 from .inner_lr import InnerLR
 from .layers.program import Unsupported, compile_model
@@ -110,10 +118,15 @@ class Engine:
         self.fused.kernels = layers.layer_kernels(device, self._layer_backend())
         return self.fused
 
-    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
-        """Every task's outputs [T, M, ...] (no graph on the fused path)."""
+    def forward(self, flat: Tensor, x: Tensor, step: Optional[int] = None) -> Tensor:
+        """Every task's outputs [T, M, ...] (no graph on the fused path) at inner ``step`` (None: the
+        enclosing step context's; only per-step parameters read it). After k inner updates the query
+        forward's step is ``step_context.query_step(k)`` = max(k - 1, 0)."""
+        if step is not None:
+            with step_context.inner_step(step):
+                return self.forward(flat, x)
         if self.fused is not None:
-            return self._fused_for(x.device).forward(flat, x)
+            return self._fused_for(x.device).forward(flat, x, step=step_context.current_step())
         return self.batched.forward(flat, x)
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -141,9 +154,11 @@ class Engine:
     def support_grad(self, theta_k: Tensor, x: Tensor, y: Tensor, loss_fn, create_graph: bool):
         """(g_k [T, P], L_S [T], state): the per-task support gradients at theta_k for all tasks;
         ``state`` (when ``create_graph``) is what ``hvp`` needs: the fused path's stored passes, or
-        the generic path's graph (g with its graph, and the leaf theta_k it hangs from)."""
+        the generic path's graph (g with its graph, and the leaf theta_k it hangs from). Runs at
+        the enclosing step context's step (the callers here set it to k)."""
         if self.uses_fused(loss_fn):
-            r = self._fused_for(x.device).grad(theta_k.detach(), x, y, keep=create_graph)
+            r = self._fused_for(x.device).grad(theta_k.detach(), x, y, keep=create_graph,
+                                               step=step_context.current_step())
             return r.grad, r.losses, r.state
         T = x.shape[0]
         leaf = theta_k.detach().expand(T, -1).clone().requires_grad_(True) if theta_k.dim() == 1 \
@@ -177,7 +192,7 @@ class Engine:
         budget, used = None, 0
         for k in range(k0, k1):
             keep = keep_states == "last" and k == k1 - 1 or keep_states == "budget"
-            with record_function("fastmaml.support_grad"):
+            with record_function("fastmaml.support_grad"), step_context.inner_step(k):
                 g, losses, state = self.support_grad(theta, x, y, loss_fn, create_graph=bool(keep))
             if support_losses is not None:
                 support_losses[k] = losses.detach()
@@ -199,10 +214,13 @@ class Engine:
 
     # -- the inner loop and its reverse pass ----------------------------------------------------
     def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                   loss_fn: Optional[LossFn] = None, memory: str = "store", query_examples: int = 0) -> "InnerLoop":
+                   loss_fn: Optional[LossFn] = None, memory: str = "store", query_examples: int = 0,
+                   observe: Optional[Callable[[int, Tensor], None]] = None) -> "InnerLoop":
         """The K inner steps for all tasks from the meta-parameters: theta_K [T, P] (detached) and
         what ``reverse`` needs (the iterates or their checkpoints, the support gradients, and the
-        stored HVP states). ``query_examples`` sizes the store budget (0: keep only the last state)."""
+        stored HVP states). ``query_examples`` sizes the store budget (0: keep only the last state).
+        ``observe(k, theta_k)``, if given, sees every iterate once, k = 0..K in order, during these
+        forward steps only (never the reverse pass's recomputations; ``fastmaml.bn_running``)."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         K, T = steps, support_x.shape[0]
@@ -226,6 +244,9 @@ class Engine:
                                                     query_examples=query_examples,
                                                     keep_grads=first_order)
             kept.update(kept_here)
+            if observe is not None:
+                for j, it in enumerate(its[:-1]):
+                    observe(k0 + j, it)
             if memory == "store":
                 checkpoints, stored_grads = its[:-1], gs
             elif k1 < K:
@@ -233,6 +254,8 @@ class Engine:
             theta = its[-1]
         if theta.dim() == 1:
             theta = theta.expand(T, -1)
+        if observe is not None:
+            observe(K, theta)
         return InnerLoop(K, first_order, memory, loss_fn, support_x, support_y, lr, ops, c, checkpoints,
                          stored_grads, kept, theta, support_losses)
 
@@ -266,7 +289,7 @@ class Engine:
                     state = kept.pop(k, None)
                     g = gs[k - k0]
                     if state is None:
-                        with record_function("fastmaml.support_grad"):
+                        with record_function("fastmaml.support_grad"), step_context.inner_step(k):
                             g, _, state = self.support_grad(theta_k, sx, sy, loss_fn, create_graph=True)
                     u = ops.scale(v, rate, seg)
                     with record_function("fastmaml.hvp"):
@@ -300,9 +323,10 @@ class Engine:
         weights: Sequence[float],
         loss_fn: Optional[LossFn] = None,
         memory: str = "store",
+        observe: Optional[Callable[[int, Tensor], None]] = None,
     ) -> EngineResult:
         K, T = steps, support_x.shape[0]
-        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, query_x.shape[1])
+        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, query_x.shape[1], observe)
         dtype, device = loop.theta_K.dtype, loop.theta_K.device
         query_all = torch.full((K + 1, T), float("nan"), dtype=dtype, device=device)
         shared = self.shared_params()
@@ -312,11 +336,15 @@ class Engine:
 
         @record_function("fastmaml.query_grad")
         def query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-            """(w_k / T) grad L_Q at theta_k for the adapted and the shared parameters."""
+            """(w_k / T) grad L_Q at theta_k for the adapted and the shared parameters, at step k - 1."""
+            with step_context.inner_step(step_context.query_step(k)):
+                return _query_grad(theta_k, k)
+
+        def _query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
             scale = weights[k - 1] / T
             if fused:
                 r = self._fused_for(query_x.device).grad(theta_k.detach(), query_x, query_y, scale=scale,
-                                                         shared=bool(shared_list))
+                                                         shared=bool(shared_list), step=step_context.current_step())
                 query_all[k] = r.losses
                 for name, gp in r.shared.items():
                     query_shared[name].add_(gp)
@@ -356,8 +384,9 @@ class Engine:
             lr_grad=lr_grad,
         )
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, loss_fn=None) -> Tuple[Tensor, Tensor]:
-        """theta_K [T, P] (detached) and the support losses [K, T]."""
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, loss_fn=None,
+              observe: Optional[Callable[[int, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
+        """theta_K [T, P] (detached) and the support losses [K, T]; ``observe`` as in ``inner_loop``."""
         theta0 = self.theta()
         ops = kernels.ops_for(theta0, self.kernel_backend)
         lr = self.inner_lr.lr.detach().to(theta0.dtype)
@@ -365,6 +394,9 @@ class Engine:
         with torch.enable_grad():
             its, _, _ = self.forward_steps(theta0, 0, steps, support_x, support_y, loss_fn, lr, ops,
                                            keep_states=False, support_losses=losses)
+        if observe is not None:
+            for k, it in enumerate(its):
+                observe(k, it)
         theta = its[-1]
         if theta.dim() == 1:
             theta = theta.expand(support_x.shape[0], -1)

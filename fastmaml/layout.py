@@ -20,7 +20,10 @@ AdaptSpec = Union[None, Callable[[str, nn.Parameter], bool], Sequence[str]]
 def _is_batchnorm_param(module: nn.Module, name: str) -> bool:
     owner_name = name.rsplit(".", 1)[0] if "." in name else ""
     owner = module.get_submodule(owner_name) if owner_name else module
-    return isinstance(owner, nn.modules.batchnorm._NormBase)
+    # PerStepBatchNorm (MAML++'s per-step weights) is BatchNorm too: not adapted unless adapt_bn
+    from .models import PerStepBatchNorm
+
+    return isinstance(owner, (nn.modules.batchnorm._NormBase, PerStepBatchNorm))
 
 
 def select_adapted(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> List[str]:

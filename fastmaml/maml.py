@@ -17,6 +17,7 @@ from .functional_api import GeneralEngine, adapt_with_graph, as_inputs, is_gener
 from .inner_lr import InnerLR
 from .layout import AdaptSpec, FlatLayout, check_unshared, select_adapted
 from .reference import maml as reference
+from .step_context import inner_step, query_step
 
 BACKENDS = ("engine", "reference")
 
@@ -322,7 +323,7 @@ class MAML(nn.Module):
         key = tuple(x.shape[2:])
         if key not in self._out_features:
             try:
-                with torch.no_grad(), batch_statistics(self.model):
+                with torch.no_grad(), batch_statistics(self.model), inner_step(0):  # step: per-step BatchNorm
                     out = self.model(x[0])
             except (RuntimeError, ValueError) as e:
                 raise ValueError(f"the model rejected inputs of shape {_shape(x[0])} (one task of {_shape(x)}): {e}") from e
@@ -541,8 +542,10 @@ class MAML(nn.Module):
             if fast.example_shape is not None and tuple(x.shape[2:]) != tuple(fast.example_shape):
                 want = "[" + ", ".join(str(s) for s in fast.example_shape) + "]"
                 raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
-            return self.engine.batched.forward(fast.flat, x)
-        return self._general_engine().batched.forward(fast.flat, x)
+            with inner_step(query_step(fast.support_losses.shape[0])):  # after K updates: step K - 1
+                return self.engine.batched.forward(fast.flat, x)
+        with inner_step(query_step(fast.support_losses.shape[0])):
+            return self._general_engine().batched.forward(fast.flat, x)
 
     def _reference_adapt(self, sx, sy, steps, loss_fn):
         loss_fn = loss_fn or (torch.nn.functional.cross_entropy if is_classification(sy) else torch.nn.functional.mse_loss)
@@ -576,7 +579,8 @@ class MAML(nn.Module):
             want = "[" + ", ".join(str(s) for s in fast.example_shape) + "]"
             raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
         self._check_finite_input("x", x)
-        return self.engine.forward(fast.flat, x)
+        # the query pass after K updates runs at inner step K - 1 (per-step BatchNorm weights)
+        return self.engine.forward(fast.flat, x, step=query_step(fast.support_losses.shape[0]))
 
     def _check_fast(self, fast: FastWeights) -> None:
         if not isinstance(fast, FastWeights):

@@ -14,16 +14,126 @@
 BatchNorm has ``track_running_stats=False``: like the paper, it always normalizes with the statistics
 of the current batch (one task's support or query set), in training and at test time alike.
 Initialization is PyTorch's default for every layer (see docs/reproduction.md).
+
+``per_step_bn=S`` (conv4, mlp_bn) puts :class:`PerStepBatchNorm` with S weight sets in place of each
+BatchNorm: MAML++'s per-step BatchNorm weights (BNWB, Antoniou et al. 2019), one scale/shift set per
+inner step, chosen by the step the engine sets (:mod:`fastmaml.step_context`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import numbers
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "build"]
+from .step_context import current_step
+
+__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build"]
+
+
+def _check_sets(steps, name: str) -> int:
+    """The number of per-step parameter sets S: an int >= 1 (not a bool)."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+        raise TypeError(f"{name} must be an int S >= 1 (one BatchNorm weight set per inner step), got {steps!r} "
+                        f"({type(steps).__name__})")
+    if steps < 1:
+        raise ValueError(f"{name} must be an int S >= 1 (one BatchNorm weight set per inner step), got {steps}")
+    return int(steps)
+
+
+class PerStepBatchNorm(nn.Module):
+    """BatchNorm with one scale/shift set per inner step: MAML++'s BNWB (Antoniou et al., ICLR 2019).
+
+    For an input x (one task's batch) at inner step ``step`` (read from
+    :func:`fastmaml.step_context.current_step`), with s = min(step, S - 1)::
+
+        y = (x - mean(x)) / sqrt(var(x) + eps) * weight[s] + bias[s]
+
+    mean and the biased var are per channel over the batch (and the spatial positions): always the
+    statistics of the batch given (``F.batch_norm`` with ``training=True``), in training and at test
+    time alike, as the MAML++ code does. The engine runs each task's batch on its own, so the
+    statistics are per task. Steps beyond the last set (more test steps than training steps) use the
+    last set, S - 1.
+
+    Args:
+        num_features: C, the channels.
+        steps: S >= 1, the number of weight sets (MAML++: the number of inner training steps).
+        dims: 2 for images [N, C, H, W] (like ``nn.BatchNorm2d``), 1 for [N, C] or [N, C, L] (like
+            ``nn.BatchNorm1d``).
+        eps: added to the variance.
+        affine: learn ``weight`` [S, C] (initialized to ones) and ``bias`` [S, C] (zeros); without,
+            y is the normalized x.
+
+    The inner loop does not adapt these parameters unless ``adapt_bn=True`` (MAML++'s default too):
+    they are meta-learned, and row k receives the meta-gradient of the forwards that ran at step k
+    (rows of steps that never run get a zero gradient).
+
+    Outside every step context (a plain ``module(x)``) the layer raises: which set applies depends on
+    where in the inner loop the call is, so it must be said (``with fastmaml.step_context.inner_step(k):``).
+
+    Running statistics: none. The MAML++ code also tracks per-step running statistics (BNRS), but with
+    its settings they are never read (every forward normalizes with the batch statistics), so they
+    change no output and no gradient; they are left out here.
+    """
+
+    def __init__(self, num_features: int, steps: int, dims: int = 2, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"PerStepBatchNorm: num_features must be an int >= 1, got {num_features!r}")
+        self.steps = _check_sets(steps, "PerStepBatchNorm: steps")
+        if dims not in (1, 2) or isinstance(dims, bool):
+            raise ValueError(f"PerStepBatchNorm: dims must be 1 ([N, C] or [N, C, L]) or 2 ([N, C, H, W]), "
+                             f"got {dims!r}")
+        if not eps > 0:
+            raise ValueError(f"PerStepBatchNorm: eps must be > 0, got {eps!r}")
+        self.num_features = int(num_features)
+        self.dims = int(dims)
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(self.steps, self.num_features))
+            self.bias = nn.Parameter(torch.zeros(self.steps, self.num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, steps={self.steps}, dims={self.dims}, eps={self.eps}, affine={self.affine}"
+
+    def row(self, step: Optional[int]) -> int:
+        """The weight set of inner step ``step``: min(step, S - 1); raises for None (no step context)."""
+        if step is None:
+            raise RuntimeError(
+                f"PerStepBatchNorm has one weight set per inner step ({self.steps}) and was called outside an "
+                "inner-step context: run it as `with fastmaml.step_context.inner_step(k): model(x)` (the engine "
+                "sets the step for MAML / MAML++; ANIL, Reptile and iMAML do not define one)")
+        if step < 0:
+            raise ValueError(f"PerStepBatchNorm: the inner step must be >= 0, got {step}")
+        return min(int(step), self.steps - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        want = (2, 3) if self.dims == 1 else (4,)
+        if x.dim() not in want:
+            shapes = "[N, C] or [N, C, L]" if self.dims == 1 else "[N, C, H, W]"
+            raise ValueError(f"PerStepBatchNorm(dims={self.dims}) expects {shapes} input, got shape {list(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"PerStepBatchNorm expects {self.num_features} channels (dim 1), got shape {list(x.shape)}")
+        s = self.row(current_step())
+        w = self.weight[s] if self.affine else None
+        b = self.bias[s] if self.affine else None
+        # batch statistics (training=True) with no running buffers: nothing is read or updated
+        return F.batch_norm(x, None, None, w, b, training=True, momentum=0.0, eps=self.eps)
+
+
+def _batchnorm(channels: int, per_step_bn: Optional[int], dims: int) -> nn.Module:
+    """BatchNorm of the paper's networks: batch statistics only; per-step weight sets when asked."""
+    if per_step_bn is None:
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        return bn(channels, track_running_stats=False)
+    return PerStepBatchNorm(channels, per_step_bn, dims)
 
 
 def _pooled_side(size: int, blocks: int, max_pool: bool) -> int:
@@ -37,11 +147,13 @@ class Conv4(nn.Module):
     """``features`` (the four conv blocks) then ``classifier`` (a linear layer)."""
 
     def __init__(self, ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = True,
-                 image_size: int = 28, blocks: int = 4) -> None:
+                 image_size: int = 28, blocks: int = 4, per_step_bn: Optional[int] = None) -> None:
         super().__init__()
         if ways < 1 or hidden < 1 or in_channels < 1 or blocks < 1:
             raise ValueError(f"conv4: ways, hidden, in_channels and blocks must be >= 1, got "
                              f"{ways}, {hidden}, {in_channels}, {blocks}")
+        if per_step_bn is not None:
+            per_step_bn = _check_sets(per_step_bn, "conv4: per_step_bn (None: ordinary BatchNorm)")
         side = _pooled_side(image_size, blocks, max_pool)
         if side < 1:
             raise ValueError(f"conv4: {image_size}x{image_size} images are too small for {blocks} max-pooling blocks")
@@ -49,11 +161,11 @@ class Conv4(nn.Module):
         c = in_channels
         for _ in range(blocks):
             if max_pool:
-                layers += [nn.Conv2d(c, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
+                layers += [nn.Conv2d(c, hidden, 3, padding=1), _batchnorm(hidden, per_step_bn, 2),
                            nn.ReLU(), nn.MaxPool2d(2)]
             else:
-                layers += [nn.Conv2d(c, hidden, 3, stride=2, padding=1),
-                           nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]
+                layers += [nn.Conv2d(c, hidden, 3, stride=2, padding=1), _batchnorm(hidden, per_step_bn, 2),
+                           nn.ReLU()]
             c = hidden
         self.features = nn.Sequential(*layers)
         self.max_pool = max_pool
@@ -67,10 +179,12 @@ class Conv4(nn.Module):
         return self.classifier(h)
 
 
-def conv4(ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = True, image_size: int = 28) -> Conv4:
+def conv4(ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = True, image_size: int = 28,
+          per_step_bn: Optional[int] = None) -> Conv4:
     """The paper's 4-block conv net (see the module docstring). ``image_size``: the input side
-    (28 for Omniglot, 84 for mini-ImageNet), which fixes the width of the linear head."""
-    return Conv4(ways, hidden, in_channels, max_pool, image_size)
+    (28 for Omniglot, 84 for mini-ImageNet), which fixes the width of the linear head.
+    ``per_step_bn``: None (BatchNorm2d) or S >= 1 (:class:`PerStepBatchNorm` with S weight sets)."""
+    return Conv4(ways, hidden, in_channels, max_pool, image_size, per_step_bn=per_step_bn)
 
 
 def mlp(hidden: Sequence[int] = (40, 40), in_features: int = 1, out_features: int = 1) -> nn.Sequential:
@@ -83,31 +197,40 @@ def mlp(hidden: Sequence[int] = (40, 40), in_features: int = 1, out_features: in
     return nn.Sequential(*layers)
 
 
-def mlp_bn(ways: int, hidden: Sequence[int] = (256, 128, 64, 64), in_features: int = 28 * 28) -> nn.Sequential:
+def mlp_bn(ways: int, hidden: Sequence[int] = (256, 128, 64, 64), in_features: int = 28 * 28,
+           per_step_bn: Optional[int] = None) -> nn.Sequential:
     """The MAML paper's non-convolutional Omniglot classifier (section 5.2): Flatten, then for each
     width in ``hidden`` Linear + BatchNorm1d (batch statistics, ``track_running_stats=False``) + ReLU,
-    then ``Linear(hidden[-1], ways)``."""
+    then ``Linear(hidden[-1], ways)``. ``per_step_bn``: None (BatchNorm1d) or S >= 1
+    (:class:`PerStepBatchNorm` with S weight sets, ``dims=1``)."""
     if ways < 1 or in_features < 1 or not hidden or any(h < 1 for h in hidden):
         raise ValueError(f"mlp_bn: ways, in_features and every hidden width must be >= 1, got "
                          f"{ways}, {in_features}, {list(hidden)}")
+    if per_step_bn is not None:
+        per_step_bn = _check_sets(per_step_bn, "mlp_bn: per_step_bn (None: ordinary BatchNorm)")
     layers: list = [nn.Flatten()]
     widths = [in_features, *hidden]
     for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+        layers += [nn.Linear(a, b), _batchnorm(b, per_step_bn, 1), nn.ReLU()]
     layers.append(nn.Linear(widths[-1], ways))
     return nn.Sequential(*layers)
 
 
 def build(config) -> nn.Module:
-    """The network a config names (``model``, ``hidden``, ``ways``, ``image_size``, ``max_pool``)."""
+    """The network a config names (``model``, ``hidden``, ``ways``, ``image_size``, ``max_pool``,
+    ``per_step_bn``: MAML++'s per-step BatchNorm weights with S = ``inner_steps`` sets)."""
+    sets = config["inner_steps"] if config.get("per_step_bn", False) else None
     if config["model"] == "mlp":
+        if sets is not None:
+            raise ValueError("per_step_bn needs a model with BatchNorm (conv4, mlp_bn); mlp has none")
         return mlp(tuple(config["hidden"]))
     if config["model"] == "mlp_bn":
         channels = 3 if config["dataset"] == "miniimagenet" else 1
-        return mlp_bn(config["ways"], tuple(config["hidden"]), channels * config["image_size"] ** 2)
+        return mlp_bn(config["ways"], tuple(config["hidden"]), channels * config["image_size"] ** 2, per_step_bn=sets)
     if config["model"] == "conv4":
         channels = 3 if config["dataset"] == "miniimagenet" else 1
-        return conv4(config["ways"], config["hidden"], channels, config.get("max_pool", True), config["image_size"])
+        return conv4(config["ways"], config["hidden"], channels, config.get("max_pool", True), config["image_size"],
+                     per_step_bn=sets)
     raise ValueError(f"unknown model {config['model']!r}")
 
 

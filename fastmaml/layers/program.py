@@ -10,6 +10,9 @@ Conv2d                       ``Conv``: square kernel, equal stride and padding, 
                              dilation 1, groups 1, with or without bias
 BatchNorm2d / BatchNorm1d    ``BatchNormBlock``, fused with a following ReLU/LeakyReLU and a
                              following MaxPool2d(2); per-task batch statistics, affine or not
+PerStepBatchNorm             ``BatchNormBlock`` with ``steps = S``: weight/bias [S, C], the runner
+                             uses row min(step, S - 1) (MAML++'s per-step weights); dims=2 fuses
+                             a MaxPool2d(2) like BatchNorm2d, dims=1 like BatchNorm1d
 ReLU, LeakyReLU              ``Act`` (when not after a BatchNorm)
 MaxPool2d(2)                 ``MaxPool`` (when not in a BatchNorm block): kernel 2, stride 2, no
                              padding, floor mode
@@ -31,7 +34,7 @@ from typing import List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..models import Conv4
+from ..models import Conv4, PerStepBatchNorm
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class BatchNormBlock:
     eps: float
     slope: float  # 0: ReLU, a LeakyReLU's negative slope, 1: no activation
     pool: int     # 0: none, 2: MaxPool2d(2)
+    steps: int = 0  # 0: one weight set [C]; S >= 1: PerStepBatchNorm, weight/bias [S, C], row per step
 
 
 @dataclass(frozen=True)
@@ -150,17 +154,19 @@ def compile_model(model: nn.Module) -> List[Node]:
             if padding is None or m.groups != 1 or not _pair_is(m.dilation, 1) or m.padding_mode != "zeros" or k < 1:
                 raise Unsupported(f"{where}: only groups=1, dilation=1, zero padding given as a number")
             nodes.append(Conv(_pname(name, m, "weight"), _pname(name, m, "bias"), stride, padding))
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, PerStepBatchNorm)):
+            per_step = isinstance(m, PerStepBatchNorm)
+            two_d = m.dims == 2 if per_step else isinstance(m, nn.BatchNorm2d)
             slope, pool = 1.0, 0
             if i + 1 < len(leaves) and _slope(leaves[i + 1][1]) is not None:
                 i += 1
                 slope = _slope(leaves[i][1])
-            if isinstance(m, nn.BatchNorm2d) and i + 1 < len(leaves) and _is_pool2(leaves[i + 1][1]):
+            if two_d and i + 1 < len(leaves) and _is_pool2(leaves[i + 1][1]):
                 i += 1
                 pool = 2
             w = _pname(name, m, "weight") if m.affine else None
             b = _pname(name, m, "bias") if m.affine else None
-            nodes.append(BatchNormBlock(w, b, float(m.eps), slope, pool))
+            nodes.append(BatchNormBlock(w, b, float(m.eps), slope, pool, m.steps if per_step else 0))
         elif _slope(m) is not None:
             nodes.append(Act(_slope(m)))
         elif _is_pool2(m):

@@ -12,6 +12,14 @@ kernels of :mod:`fastmaml.layers` and no autograd:
 
 The loss is the engine's default: cross-entropy (int64 labels [T, N]) or mean squared error (float
 targets shaped like the predictions), each a mean over one task's examples, seeded with ``scale``.
+
+Per-step BatchNorm (MAML++'s BNWB, :class:`fastmaml.models.PerStepBatchNorm`, a ``BatchNormBlock``
+with ``steps = S``): ``forward`` and ``grad`` take the inner ``step`` (see
+:mod:`fastmaml.step_context`), and the block's gamma, beta are row s = min(step, S - 1) of its
+[S, C] weight and bias ([T, S, C] in ``params``: the adapted columns of theta, or the shared tensor
+expanded over tasks). The block's gradients and HVP terms land in row s only: for an adapted
+per-step parameter the other rows of its [T, P] columns are zero, for a shared one the [S, C] result
+is zero outside row s. ``FusedState`` remembers the step for the HVP.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class FusedState:
     loss_saved: Tensor   # softmax probabilities (CE) or predictions (MSE)
     scale: float
     nbytes: int = 0
+    step: Optional[int] = None   # the inner step of the forward (per-step BatchNorm rows)
 
 
 @dataclass
@@ -103,18 +112,52 @@ class FusedModel:
         return name in self._trainable_names
 
     def _put(self, name: Optional[str], value: Optional[Tensor], views: Dict[str, Tensor],
-             shared_out: Dict[str, Tensor], shared: bool) -> None:
+             shared_out: Dict[str, Tensor], shared: bool, row: Optional[int] = None) -> None:
         """Route a per-task parameter gradient [T, *shape]: an adapted parameter's into its view of
-        the [T, P] result, a shared trainable one's (when ``shared``) summed over tasks."""
+        the [T, P] result, a shared trainable one's (when ``shared``) summed over tasks.
+
+        ``row`` (per-step BatchNorm): ``value`` [T, C] is the gradient of row ``row`` of an [S, C]
+        parameter; the other rows' gradient is zero (written as such: the [T, P] result may be
+        uninitialized memory)."""
         if name is None or value is None:
             return
         if name in self.adapted:
-            views[name].copy_(value)
+            if row is None:
+                views[name].copy_(value)
+            else:
+                view = views[name]
+                view.zero_()
+                view[:, row].copy_(value)
         elif shared and self._trainable(name):
-            shared_out[name] = value.sum(0)
+            if row is None:
+                shared_out[name] = value.sum(0)
+            else:
+                out = value.new_zeros((self._sets(name), value.shape[-1]))
+                out[row] = value.sum(0)
+                shared_out[name] = out
+
+    def _sets(self, name: str) -> int:
+        """S, the rows of the [S, C] per-step parameter ``name``."""
+        return self.model.get_parameter(name).shape[0]
+
+    @staticmethod
+    def _row(node: BatchNormBlock, step: Optional[int]) -> Optional[int]:
+        """The weight set a per-step BatchNorm block uses at ``step``: min(step, S - 1); None for an
+        ordinary block. The same rule and the same error as ``PerStepBatchNorm.row``."""
+        if not node.steps:
+            return None
+        if step is None:
+            raise RuntimeError(
+                f"the model has per-step BatchNorm ({node.steps} weight sets) and the fused path was run without "
+                "an inner step: pass step= (the engine passes fastmaml.step_context.current_step(); ANIL, "
+                "Reptile and iMAML do not define one)")
+        if step < 0:
+            raise ValueError(f"the inner step must be >= 0, got {step}")
+        return min(int(step), node.steps - 1)
 
     # -- forward ---------------------------------------------------------------------------------
-    def _forward(self, params: Dict[str, Tensor], x: Tensor, save: bool) -> Tuple[Tensor, List[dict]]:
+    def _forward(self, params: Dict[str, Tensor], x: Tensor, save: bool,
+                 step: Optional[int] = None) -> Tuple[Tensor, List[dict]]:
         K = self.kernels
         saved: List[dict] = []
         h = x
@@ -127,7 +170,7 @@ class FusedModel:
                 s["yshape"] = h.shape
             elif isinstance(node, BatchNormBlock):
                 z = _to5(h)
-                gamma, beta = self._bn_affine(node, params, z)
+                gamma, beta = self._bn_affine(node, params, z, self._row(node, step))
                 out, mean, rstd, idx = K.bn_act_pool_forward(z, gamma, beta, node.eps, node.slope, node.pool)
                 s.update(z=z, shape=h.shape, mean=mean, rstd=rstd, idx=idx, gamma=gamma, beta=beta)
                 h = out if node.pool else out.view(h.shape)
@@ -153,18 +196,24 @@ class FusedModel:
         return h, saved
 
     @staticmethod
-    def _bn_affine(node: BatchNormBlock, params: Dict[str, Tensor], z: Tensor) -> Tuple[Tensor, Tensor]:
+    def _bn_affine(node: BatchNormBlock, params: Dict[str, Tensor], z: Tensor,
+                   row: Optional[int]) -> Tuple[Tensor, Tensor]:
+        """gamma, beta [T, C] of a BatchNorm block (row ``row`` of [T, S, C] for per-step ones)."""
         if node.weight is None:
             T, C = z.shape[0], z.shape[2]
             return (torch.ones(T, C, dtype=z.dtype, device=z.device), torch.zeros(T, C, dtype=z.dtype, device=z.device))
-        return params[node.weight].contiguous(), params[node.bias].contiguous()
+        gamma, beta = params[node.weight], params[node.bias]
+        if row is not None:
+            gamma, beta = gamma[:, row], beta[:, row]
+        return gamma.contiguous(), beta.contiguous()
 
-    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
-        """The outputs [T, N, ...] of every task's model (``flat`` [P] or [T, P])."""
+    def forward(self, flat: Tensor, x: Tensor, step: Optional[int] = None) -> Tensor:
+        """The outputs [T, N, ...] of every task's model (``flat`` [P] or [T, P]) at inner ``step``
+        (read by per-step BatchNorm only)."""
         if flat.dim() == 1:
             flat = flat.expand(x.shape[0], -1)
         with torch.no_grad():
-            return self._forward(self.params(flat), x, save=False)[0]
+            return self._forward(self.params(flat), x, save=False, step=step)[0]
 
     # -- loss ------------------------------------------------------------------------------------
     @staticmethod
@@ -184,13 +233,14 @@ class FusedModel:
 
     # -- backward --------------------------------------------------------------------------------
     def grad(self, theta: Tensor, x: Tensor, y: Tensor, scale: float = 1.0, shared: bool = False,
-             keep: bool = False) -> GradResult:
-        """Forward and backward for all tasks; ``scale`` seeds dL_t (the engine's w_k / T)."""
+             keep: bool = False, step: Optional[int] = None) -> GradResult:
+        """Forward and backward for all tasks; ``scale`` seeds dL_t (the engine's w_k / T); ``step``:
+        the inner step (per-step BatchNorm's weight set; kept in the state for the HVP)."""
         T = x.shape[0]
         if theta.dim() == 1:
             theta = theta.expand(T, -1)
         params = self.params(theta)
-        pred, saved = self._forward(params, x, save=True)
+        pred, saved = self._forward(params, x, save=True, step=step)
         kind, losses, d, loss_saved = self._loss(pred, y, scale)
         g = torch.empty(T, self.layout.numel, dtype=theta.dtype, device=theta.device)
         gviews = self.layout.views(g)
@@ -216,8 +266,9 @@ class FusedModel:
                                                            s["idx"], node.slope, node.pool)
                 s["dout"] = dout
                 if self._wants(node.weight, shared):
-                    put(node.weight, dgamma)
-                    put(node.bias, dbeta)
+                    row = self._row(node, step)
+                    self._put(node.weight, dgamma, gviews, shared_grads, shared, row)
+                    self._put(node.bias, dbeta, gviews, shared_grads, shared, row)
                 d = dz.view(s["shape"])
             elif isinstance(node, Act):
                 d = R.act_backward(d, s["x"], node.slope)
@@ -237,7 +288,7 @@ class FusedModel:
                 break
         state = None
         if keep:
-            state = FusedState(theta, params, saved, kind, loss_saved, scale)
+            state = FusedState(theta, params, saved, kind, loss_saved, scale, step=step)
             state.nbytes = _nbytes(saved)
         return GradResult(losses, g, shared_grads, pred, state)
 
@@ -273,6 +324,10 @@ class FusedModel:
                 rz = None if r is None else _to5(r).contiguous()
                 ug = U.get(node.weight) if node.weight else None
                 ub = U.get(node.bias) if node.bias else None
+                row = self._row(node, state.step)
+                if row is not None:  # per-step BatchNorm: the direction of the row this step used
+                    ug = None if ug is None else ug[:, row]
+                    ub = None if ub is None else ub[:, row]
                 if rz is None and ug is None and ub is None:
                     s["rz"] = None
                     s["rmean"] = s["q"] = None
@@ -338,6 +393,9 @@ class FusedModel:
                 rd = rdx
             elif isinstance(node, BatchNormBlock):
                 ug = U.get(node.weight) if node.weight else None
+                row = self._row(node, state.step)
+                if row is not None and ug is not None:
+                    ug = ug[:, row]
                 if s["rmean"] is None:  # nothing moved up to here: R{z} = 0 and no direction
                     rmean = q = torch.zeros_like(s["mean"])
                 else:
@@ -347,8 +405,8 @@ class FusedModel:
                     s["dout"], rdout, s["z"], s["rz"], s["mean"], s["rstd"], rmean, q, s["gamma"], s["beta"], ug,
                     s["idx"], node.slope, node.pool)
                 if self._wants(node.weight, shared):
-                    put(node.weight, rdgamma)
-                    put(node.bias, rdbeta)
+                    self._put(node.weight, rdgamma, hviews, shared_terms, shared, row)
+                    self._put(node.bias, rdbeta, hviews, shared_terms, shared, row)
                 rd = rdz.view(s["shape"])
             elif isinstance(node, Act):
                 rd = None if rd is None else R.act_backward(rd, s["x"], node.slope)

@@ -12,7 +12,11 @@ this module writes out for itself the semantics it is there to verify:
   ``fastmaml.functional.batch_statistics``;
 * learning-rate indexing: its own table (``rate_for``), not ``InnerLR.rate`` / ``InnerLR.for_tensor``;
   it reads only ``inner_lr.mode`` and the raw ``inner_lr.lr`` tensor;
-* the default losses (cross-entropy for int64 labels, MSE for float targets).
+* the default losses (cross-entropy for int64 labels, MSE for float targets);
+* the inner step of every forward (MAML++'s per-step BatchNorm weights read it): the support pass
+  of inner step k at step k, the query pass after k + 1 updates at step k (the MAML++ code passes
+  ``num_step`` to both). ``fastmaml.step_context.inner_step`` only carries the number to the layer;
+  which number is written out here.
 
 What it still takes from its caller, each with its own independent tests
 (tests/test_oracle_independence.py): the adapted-parameter names (``layout.names``, chosen by
@@ -29,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from ..step_context import inner_step
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -121,7 +127,7 @@ def sgd_step(
     ``inner_lr`` supplies only its ``mode``; ``lr`` is the raw rate tensor; ``layout`` only its
     ``names`` (the adapted tensors, in order)."""
     names = list(layout.names)
-    with _per_task_batch_statistics(model):
+    with _per_task_batch_statistics(model), inner_step(k):  # the support pass of step k: step k
         loss, _ = _loss(model, fast, x, y, loss_fn)
     grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph)
     fast = dict(fast)
@@ -160,10 +166,12 @@ def meta_gradient(
                                     not first_order, loss_fn, lr)
                 support_losses[k, t] = ls.detach()
                 if k + 1 < steps and weights[k] != 0.0:
-                    lq, _ = _loss(model, fast, query_x[t], query_y[t], loss_fn)
+                    with inner_step(k):  # the query pass after k + 1 updates: step k
+                        lq, _ = _loss(model, fast, query_x[t], query_y[t], loss_fn)
                     query_all[k + 1, t] = lq.detach()
                     objective = objective + weights[k] * lq / T
-            lq, pred = _loss(model, fast, query_x[t], query_y[t], loss_fn)
+            with inner_step(steps - 1):  # the query pass after all K updates: step K - 1
+                lq, pred = _loss(model, fast, query_x[t], query_y[t], loss_fn)
             query_all[steps, t] = lq.detach()
             objective = objective + weights[steps - 1] * lq / T
             final_preds.append(pred.detach())
