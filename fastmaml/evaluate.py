@@ -27,8 +27,8 @@ import torch
 from . import checkpoint as ckpt_mod
 from . import configs
 from .configs import Config, UserError
-from .train import (build_learner, check_writable, fixed_episodes, make_dataset, resolve_device, set_threads,
-                    write_json)
+from .train import (build_learner, check_writable, fixed_episodes, keep_freed_memory, make_dataset, resolve_device,
+                    set_threads, write_json)
 
 COMMAND_HELP = "evaluate a trained run on fixed test episodes (mean and 95% CI); writes eval.json"
 
@@ -204,6 +204,7 @@ def summary_line(result: Dict[str, Any]) -> str:
 def main(args) -> int:
     from .progress import Progress
 
+    keep_freed_memory()
     device = resolve_device(args.device)
     set_threads(args.threads)
     ckpt, run_dir, ckpt_path = load_run(args.run)
