@@ -97,6 +97,8 @@ KEYS: Dict[str, Key] = {
     "first_order_iterations": Key("MAML++ derivative-order annealing: first order for the first N iterations", min=0),
     "msl_iterations": Key("MAML++ multi-step loss, annealed toward the last step, for the first N iterations "
                           "(0: off)", min=0),
+    "per_step_bn": Key("MAML++ per-step BatchNorm weights (BNWB): each BatchNorm keeps one scale/shift set per "
+                       "inner step, inner_steps sets (test steps beyond them use the last set)"),
     "reptile_variant": Key("Reptile: batched (Algorithm 2) or serial (Algorithm 1)", choices=("batched", "serial")),
     "inner_batch": Key("Reptile: examples per inner SGD step (0: the whole set)", min=0),
     "inner_data": Key("Reptile: the inner loop trains on the support set or on support and query (all)",
@@ -201,11 +203,11 @@ def _build() -> Dict[str, Tuple[str, Config]]:
     for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)):
         out[f"mamlpp-omniglot-{ways}w{shots}s"] = (
             f"MAML++ (Antoniou et al. 2019): Omniglot {ways}-way {shots}-shot: LSLR, multi-step loss, "
-            "derivative-order and cosine annealing", dict(
+            "derivative-order and cosine annealing, per-step BatchNorm weights", dict(
                 omni, algorithm="mamlpp", ways=ways, shots=shots, queries=shots, meta_batch=16, inner_lr=0.1,
                 inner_steps=5, test_steps=5, learn_lr=True, lr_mode="per_layer_per_step",
                 first_order_iterations=25000, msl_iterations=5000, meta_lr_schedule="cosine",
-                min_meta_lr=1e-5, iterations=50000, val_every=500))
+                min_meta_lr=1e-5, iterations=50000, val_every=500, per_step_bn=True))
     # Tiny configs for tests and smoke runs: seconds on a CPU.
     out["sinusoid-tiny"] = ("smoke test: sinusoid, small MLP, 200 iterations", dict(
         _SINUSOID, hidden=[16, 16], shots=5, queries=5, eval_queries=20, meta_batch=4, iterations=200,
@@ -354,6 +356,8 @@ def check_config(config: Config) -> None:
         raise UserError("split_scheme=maml has no validation split; also pass --set val_every=0")
     if c["model"] == "conv4" and c.get("max_pool", True) and c["image_size"] < 16:
         raise UserError(f"image_size={c['image_size']} is too small for four 2x2 max-pools (needs >= 16)")
+    if c.get("per_step_bn", False) and c["model"] not in ("conv4", "mlp_bn"):
+        raise UserError(f"per_step_bn=true needs a model with BatchNorm (conv4, mlp_bn), got model={c['model']}")
     if "imaml_lambda" in c and not c["imaml_lambda"] > 0:
         raise UserError(f"imaml_lambda={c['imaml_lambda']}: iMAML's proximal regularization must be > 0")
     for key in ("first_order_iterations", "msl_iterations"):

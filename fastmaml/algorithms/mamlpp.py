@@ -11,8 +11,14 @@ functions of the iteration (so a resumed run follows the same schedule):
   ``msl_iterations`` only the last step's loss remains;
 * cosine annealing of the meta learning rate (CA) from ``meta_lr`` to ``min_meta_lr`` over the run.
 
-Not here: MAML++'s per-step BatchNorm statistics and per-step BatchNorm weights (BNRS / BNWB) need
-the fused layers to take a BatchNorm parameter set per inner step (an engine change).
+Per-step BatchNorm weights (BNWB) are a layer, :class:`fastmaml.models.PerStepBatchNorm` (``conv4`` /
+``mlp_bn`` with ``per_step_bn=S``; the ``mamlpp-*`` configs turn it on with S = ``inner_steps``): one
+scale/shift set per inner step, meta-learned and not adapted in the inner loop, as in the MAML++ code.
+The support pass of inner step k uses set k and the query pass after k + 1 updates set k too
+(:mod:`fastmaml.step_context`; steps beyond S - 1 use the last set). The engine's generic and fused
+paths and the per-task oracle all run it. Normalization always uses the batch statistics, as the
+MAML++ code does (``training=True``); its per-step running statistics (BNRS) are only tracked there,
+never read, so they change nothing in training or evaluation and are not kept here.
 
 :class:`MAMLPPSchedule` applies all three to a :class:`fastmaml.MAML` learner and its optimizer;
 ``fastmaml train`` calls it before every iteration (``before_iteration``).
