@@ -51,6 +51,7 @@ TRITON_TESTS = ["tests/test_triton_kernels.py", "tests/test_kernels_large.py",
                 "tests/test_mutation_gaps.py::test_triton_kernels_inside_the_engine"]
 EVAL_TESTS = ["tests/test_evaluate_values.py", "tests/test_engine.py", "tests/test_cli.py"]
 CKPT_TESTS = ["tests/test_checkpoint.py", "tests/test_cli.py"]
+BN_TESTS = ["tests/test_bn_running.py"]
 
 
 @dataclass
@@ -141,6 +142,16 @@ MUTANTS: List[Mutant] = [
     Mutant("eval_ci_ddof0", "evaluation", "fastmaml/evaluate.py",
            "float(1.96 * a.std(ddof=1) / math.sqrt(a.size))", "float(1.96 * a.std(ddof=0) / math.sqrt(a.size))",
            EVAL_TESTS, "the reported 95% interval uses the population std"),
+    # -- BatchNorm running statistics (bn_stats="running", fastmaml/bn_running.py) -----------------
+    Mutant("bn_running_iterate_observed_twice", "engine", "fastmaml/engine.py",
+           "for j, it in enumerate(its[:-1]):", "for j, it in enumerate(its):",
+           BN_TESTS, "an iterate counted twice: the running statistics get an extra support pass"),
+    Mutant("bn_running_fused_biased_var", "API", "fastmaml/bn_running.py",
+           ".pow(2).sum(dim=(1, 3, 4)) / (n - 1)", ".pow(2).sum(dim=(1, 3, 4)) / n",
+           BN_TESTS, "running_var from the biased batch variance (PyTorch keeps the unbiased one)"),
+    Mutant("bn_running_momentum_power", "API", "fastmaml/bn_running.py",
+           "a0 = (1.0 - mom) ** F", "a0 = (1.0 - mom) ** (F - 1)",
+           BN_TESTS, "the running statistics decay one update too little per call"),
 ]
 
 CPP_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp")

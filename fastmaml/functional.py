@@ -5,7 +5,9 @@ different inputs in one batched computation (``torch.func.vmap`` over ``function
 parameters that are not adapted are shared by all tasks.
 
 BatchNorm follows the MAML paper: statistics of the current batch, per task, in training and in
-evaluation alike (transductive); running statistics are neither read nor updated.
+evaluation alike (transductive); running statistics are neither read nor updated. With
+``keep_eval=True`` (``MAML(bn_stats="running")``, :mod:`fastmaml.bn_running`) BatchNorm modules in
+evaluation mode normalize with their running statistics instead; none is updated here.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @contextlib.contextmanager
-def batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Make every BatchNorm of ``model`` normalize with the current batch's statistics."""
+def batch_statistics(model: nn.Module, keep_eval: bool = False) -> Iterator[None]:
+    """Make every BatchNorm of ``model`` normalize with the current batch's statistics, updating no
+    running statistics. ``keep_eval``: leave the BatchNorm modules in evaluation mode that track
+    running statistics as they are (they normalize with those, and update nothing)."""
     saved = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if keep_eval and not m.training and m.track_running_stats:
+                continue
             saved.append((m, m.training, m.track_running_stats))
             m.training, m.track_running_stats = True, False
     try:
@@ -77,6 +83,9 @@ class TaskBatchedModel:
     in bench/bench_meta_step.py), while for an MLP vmap's batched matmuls win several-fold.
     """
 
+    # MAML(bn_stats="running"): BatchNorm modules in evaluation mode use their running statistics
+    bn_keep_eval = False
+
     def __init__(self, model: nn.Module, layout: FlatLayout, batching: str = "auto") -> None:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
@@ -85,16 +94,20 @@ class TaskBatchedModel:
         self.batching = batching
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
+    def resolved_batching(self, device: torch.device) -> str:
+        """'vmap' or 'loop': what ``batching`` means on ``device``."""
+        if self.batching != "auto":
+            return self.batching
+        return "loop" if device.type == "cpu" and self._has_conv else "vmap"
+
     def _one_task(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
 
     def forward(self, flat: Tensor, x: Tensor) -> Tensor:
         if flat.dim() == 1:
             flat = flat.expand(x.shape[0], -1)
-        batching = self.batching
-        if batching == "auto":
-            batching = "loop" if flat.device.type == "cpu" and self._has_conv else "vmap"
-        with batch_statistics(self.model):
+        batching = self.resolved_batching(flat.device)
+        with batch_statistics(self.model, self.bn_keep_eval):
             if batching == "vmap":
                 return vmap(self._one_task)(self.layout.views(flat), x)
             # unbind, then split each row: backward assembles [T, P] once (indexing [T, P] per

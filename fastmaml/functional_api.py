@@ -190,11 +190,12 @@ class GeneralEngine(Engine):
 class _Pending:
     """What the forward leaves for the backward (held outside ctx so the backward can release it)."""
 
-    __slots__ = ("engine", "loop", "adapted", "shared_names", "learn_lr")
+    __slots__ = ("engine", "loop", "adapted", "shared_names", "learn_lr", "observe")
 
-    def __init__(self, engine, adapted, shared_names, learn_lr):
+    def __init__(self, engine, adapted, shared_names, learn_lr, observe=None):
         self.engine, self.loop = engine, None
         self.adapted, self.shared_names, self.learn_lr = adapted, shared_names, learn_lr
+        self.observe = observe  # the inner loop's observe(k, theta_k) (BatchNorm running statistics)
 
 
 class AdaptFunction(torch.autograd.Function):
@@ -206,7 +207,7 @@ class AdaptFunction(torch.autograd.Function):
     def forward(ctx, pending: _Pending, args: Tuple, lr: Tensor, *params: Tensor) -> Tensor:
         sx, sy, steps, first_order, loss_fn, memory = args
         with torch.enable_grad():
-            loop = pending.engine.inner_loop(sx, sy, steps, first_order, loss_fn, memory)
+            loop = pending.engine.inner_loop(sx, sy, steps, first_order, loss_fn, memory, observe=pending.observe)
         pending.loop = loop
         ctx.pending = pending
         return loop.theta_K.contiguous().clone()
@@ -229,8 +230,11 @@ class AdaptFunction(torch.autograd.Function):
         return (None, None, lr_grad if pending.learn_lr else None, *adapted, *shared_grads)
 
 
-def adapt_with_graph(learner, engine: Engine, sx, sy, steps: int, loss_fn, memory: str) -> Tuple[Tensor, Tensor]:
-    """(fast flat [T, P] connected to the meta-parameters, support losses [K, T])."""
+def adapt_with_graph(learner, engine: Engine, sx, sy, steps: int, loss_fn, memory: str,
+                     observe=None) -> Tuple[Tensor, Tensor]:
+    """(fast flat [T, P] connected to the meta-parameters, support losses [K, T]). ``observe(k,
+    theta_k)`` sees the inner loop's iterates (``Engine.inner_loop``; not the backward's
+    recomputations): ``MAML(bn_stats="running")`` records BatchNorm statistics with it."""
     params = dict(learner.model.named_parameters())
     adapted = [params[n] for n in learner.layout.names]
     shared = engine.shared_params()
@@ -239,7 +243,7 @@ def adapt_with_graph(learner, engine: Engine, sx, sy, steps: int, loss_fn, memor
         flat = learner.layout.flatten(adapted).unsqueeze(0).expand(T, -1)
         return flat, torch.empty(0, T, dtype=flat.dtype, device=flat.device)
     lr = learner.inner_lr.lr
-    pending = _Pending(engine, adapted, list(shared.keys()), learner.inner_lr.learnable)
+    pending = _Pending(engine, adapted, list(shared.keys()), learner.inner_lr.learnable, observe)
     args = (sx, sy, steps, learner.first_order, loss_fn, memory)
     flat = AdaptFunction.apply(pending, args, lr, *adapted, *shared.values())
     losses = pending.loop.support_losses if pending.loop is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
@@ -10,9 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from . import bn_running
 from .cuda_graph import GraphedMetaGradient, graph_key
 from .engine import MEMORY_MODES, Engine, EngineResult
-from .functional import LossFn, batch_statistics, is_classification, task_accuracy, task_losses
+from .functional import LossFn, TaskBatchedModel, batch_statistics, is_classification, task_accuracy, task_losses
 from .functional_api import GeneralEngine, adapt_with_graph, as_inputs, is_general, num_tasks, resolve_loss
 from .inner_lr import InnerLR
 from .layout import AdaptSpec, FlatLayout, check_unshared, select_adapted
@@ -75,10 +77,15 @@ class MAML(nn.Module):
         adapt: which parameters the inner loop adapts: None (all trainable ones, BatchNorm affine
             parameters only when ``adapt_bn``), a list of names, or a predicate ``(name, param)``.
             The others are still meta-learned, through the inner loop.
-        adapt_bn: adapt BatchNorm's scale and shift in the inner loop. Default False, the MAML paper's
-            choice: they are meta-learned (through the inner loop) but not adapted. learn2learn and higher
-            adapt every parameter: pass ``adapt_bn=True`` to get their meta-gradient (the default gives
-            another one; on learn2learn's Omniglot example it differs by about 6%).
+        adapt_bn: adapt BatchNorm's scale and shift (``weight``, ``bias``) in the inner loop. Default
+            False, the MAML paper's choice: they are not in the fast weights, so every task's inner
+            steps leave them at the meta-parameters' values, and they are meta-learned through the
+            inner loop (their meta-gradient includes the second-order term through the adapted
+            parameters). learn2learn and higher adapt every parameter: pass ``adapt_bn=True`` to get
+            their meta-gradient (the default gives another one; on learn2learn's Omniglot example it
+            differs by about 6%). Applies when ``adapt`` is None, to the parameters of every
+            BatchNorm / InstanceNorm (``nn.modules.batchnorm._NormBase``) and ``PerStepBatchNorm``;
+            an explicit ``adapt`` overrides it.
         multi_step_weights: w_1..w_K of the multi-step loss (MAML++); default: only w_K = 1.
         memory: 'store' (keep the K iterates) or 'recompute' (keep about sqrt(K) checkpoints).
         backend: 'engine' (task-batched) or 'reference' (the per-task oracle).
@@ -106,7 +113,36 @@ class MAML(nn.Module):
             of the free device memory on CUDA, 50% of the available memory (``MemAvailable``) on the
             CPU. Giving a budget with ``task_chunk=None`` means ``"auto"``.
 
-    BatchNorm always normalizes with per-task batch statistics (the paper's transductive mode).
+        bn_stats: what BatchNorm normalizes with (:mod:`fastmaml.bn_running`):
+
+            * ``"batch"`` (default): per-task batch statistics in training and evaluation mode alike
+              (the MAML paper's transductive mode); running statistics are neither read nor updated.
+            * ``"running"``: every BatchNorm must have ``track_running_stats=True`` (else a ValueError
+              naming the module). A BatchNorm in training mode normalizes with per-task batch statistics
+              exactly as ``"batch"`` does (same outputs, same meta-gradient) and its ``running_mean``,
+              ``running_var`` and ``num_batches_tracked`` are updated as learn2learn's clones update
+              the shared buffers when the same per-task loop runs, for task t = 0..T-1 in turn:
+              support forward at theta_0 .. theta_{K-1}, then the query forward at theta_K (with
+              ``multi_step_weights``: S_0, Q_1, S_1, ..., S_{K-1}, Q_K, the Q_k with w_k != 0). Each
+              forward f, with per-channel batch mean m_f and unbiased variance v_f of the module's
+              input (over the examples and spatial positions, [C] each): ``num_batches_tracked += 1``,
+              ``r <- (1 - a) r + a s_f`` (s_f = m_f for ``running_mean``, v_f for ``running_var``;
+              a = momentum, or 1 / num_batches_tracked when momentum is None). ``meta_step`` updates in that order;
+              ``adapt`` (both ``create_graph``) records its support forwards task after task
+              (t-major, then k), ``predict`` / ``learner(fast, x)`` their query forward per task, and
+              ``evaluate`` interleaves per task as ``meta_step`` does. The updates are computed by a
+              separate forward pass without autograd over the inner loop's iterates (the reverse
+              pass's recomputations count nothing) and applied when the call succeeds (a refused call
+              changes no buffer). A BatchNorm in evaluation mode (``learner.eval()``) normalizes with
+              its running statistics and updates nothing, in ``adapt``, ``predict``, ``evaluate`` and
+              ``meta_step`` alike; the fused path runs batch statistics only, so the engine then takes
+              the generic path (``execution_path`` says why). Cost: one extra forward of every task
+              per recorded pass, without autograd (fused kernels where the meta-step uses them); on
+              the omniglot-5w1s training batch (T = 32, second order, float32, 1 CPU thread, fused
+              path, ``bench/bench_bn_running.py``) a meta-step took +26% at K = 1 (2.69 vs 2.14 s)
+              and +37% at K = 5 (14.8 vs 10.8 s) on a loaded 2-core machine. Not with
+              ``cuda_graph=True`` (refused), and the reference backend refuses BatchNorm in
+              evaluation mode (its oracle runs batch statistics only).
 
     Refused, with an error naming the module or argument (parameters and ``.grad`` unchanged):
 
@@ -139,6 +175,7 @@ class MAML(nn.Module):
         cuda_graph: bool = False,
         task_chunk: Union[None, int, str] = None,
         memory_budget: Union[None, int, str] = None,
+        bn_stats: str = "batch",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -190,6 +227,15 @@ class MAML(nn.Module):
         first = next(p for n, p in model.named_parameters() if n == self.layout.names[0])
         self.inner_lr = InnerLR(inner_lr, inner_steps, self.layout, lr_mode, learn_lr, first.dtype, first.device)
         self.engine = Engine(model, self.layout, self.inner_lr, kernels, batching)
+        self.bn_stats = bn_running.check_bn_stats(bn_stats)
+        if self.bn_stats == "running":
+            bn_running.check_running(model)
+            if cuda_graph:
+                raise ValueError("cuda_graph=True with bn_stats='running' is not supported: the running statistics "
+                                 "are recorded outside the engine's meta-step, which a CUDA graph replays as a whole; "
+                                 "use cuda_graph=False or bn_stats='batch'")
+            self.engine.batched.bn_keep_eval = True
+        self._bn_recorder: Optional[bn_running.Recorder] = None
         self._out_features: Dict[Tuple, Tuple[int, ...]] = {}
         self._identity = _LearnerIdentity()
 
@@ -203,7 +249,69 @@ class MAML(nn.Module):
         module (or the option) that made the engine fall back; 'reference' for the oracle."""
         if self.backend == "reference":
             return "reference (per-task loop over autograd)"
-        return self.engine.path()
+        return self._engine().path()
+
+    # -- BatchNorm running statistics (bn_stats="running") ----------------------------------------
+    def _eval_batchnorms(self) -> List[str]:
+        """bn_stats='running': the BatchNorm modules in evaluation mode (they normalize with running
+        statistics); always [] for bn_stats='batch'."""
+        if self.bn_stats != "running":
+            return []
+        return bn_running.eval_batchnorms(self.model)
+
+    def _engine(self) -> Engine:
+        """The engine for tensor inputs now: ``self.engine``, or, with bn_stats='running' and a BatchNorm
+        in evaluation mode, a generic-path engine (the fused path runs batch statistics only)."""
+        names = self._eval_batchnorms()
+        if not names:
+            return self.engine
+        eng = self.__dict__.get("_bn_eval_engine")
+        if eng is None:
+            b = self.engine.batched.batching
+            eng = Engine(self.model, self.layout, self.inner_lr, self.engine.kernel_backend,
+                         b if b in ("vmap", "loop") else "loop")
+            eng.batched = TaskBatchedModel(self.model, self.layout, b)
+            eng.batched.bn_keep_eval = True
+            eng.fused = None
+            self.__dict__["_bn_eval_engine"] = eng
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        eng.fallback_reason = (f"BatchNorm in eval mode with bn_stats='running' ({', '.join(names[:3])}{more}) "
+                               "normalizes with running statistics; the fused path runs per-task batch statistics only")
+        return eng
+
+    def _check_reference_eval(self, where: str) -> None:
+        names = self._eval_batchnorms()
+        if self.backend == "reference" and names:
+            raise ValueError(
+                f"{where}: backend='reference' runs per-task batch statistics only (its oracle), but "
+                f"{', '.join(names)} is in evaluation mode with bn_stats='running' (running statistics); use "
+                "backend='engine', or put the BatchNorm modules in training mode")
+
+    @contextlib.contextmanager
+    def _bn_updates(self, engine: Optional[Engine] = None):
+        """bn_stats='running': a :class:`bn_running.Recorder` for the BatchNorm modules in training mode
+        (None when there is none, or for bn_stats='batch'), applied when the outermost such context ends
+        without an error; a nested context (``adapt`` and ``predict`` inside ``evaluate``) records into
+        the outer one's, so the per-task order covers both. ``engine`` (default :meth:`_engine`) runs
+        the statistics passes (its fused path when it has one)."""
+        outer = self._bn_recorder
+        if outer is not None:
+            yield outer
+            return
+        rec = None
+        if self.bn_stats == "running":
+            bn_running.check_running(self.model)
+            bns = bn_running.updating_batchnorms(self.model)
+            if bns:
+                engine = engine if engine is not None else self._engine()
+                rec = bn_running.Recorder(engine.batched, bns, engine)
+        self._bn_recorder = rec
+        try:
+            yield rec
+        finally:
+            self._bn_recorder = None
+        if rec is not None:
+            rec.apply()
 
     # -- checks --------------------------------------------------------------------------------
     def _weights(self, steps: int) -> Sequence[float]:
@@ -239,7 +347,9 @@ class MAML(nn.Module):
                     f"{where}: {what} ({type(m).__name__}{extra}) is in training mode and draws random numbers; "
                     "the inner steps and the meta-gradient's reverse pass would use different random masks, "
                     f"so the meta-gradient would be wrong. Put it in evaluation mode ({what}.eval() or "
-                    "learner.eval(); BatchNorm keeps using batch statistics) or remove it")
+                    "learner.eval(); " + ("BatchNorm then uses its running statistics"
+                                          if self.bn_stats == "running" else "BatchNorm keeps using batch statistics")
+                    + ") or remove it")
 
     @staticmethod
     def _check_finite_input(name: str, x: Tensor) -> None:
@@ -323,7 +433,8 @@ class MAML(nn.Module):
         key = tuple(x.shape[2:])
         if key not in self._out_features:
             try:
-                with torch.no_grad(), batch_statistics(self.model), inner_step(0):  # step: per-step BatchNorm
+                keep_eval = self.bn_stats == "running"  # BatchNorm in eval mode: running statistics
+                with torch.no_grad(), batch_statistics(self.model, keep_eval), inner_step(0):  # step: per-step BatchNorm
                     out = self.model(x[0])
             except (RuntimeError, ValueError) as e:
                 raise ValueError(f"the model rejected inputs of shape {_shape(x[0])} (one task of {_shape(x)}): {e}") from e
@@ -378,24 +489,29 @@ class MAML(nn.Module):
         steps = self._steps(steps)
         weights = self._weights(steps)
         self._check_deterministic("meta_step")
+        self._check_reference_eval("meta_step")
         loss_fn = resolve_loss(loss_fn, support_y)
         self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
                            loss_fn)
         T = support_x.shape[0]
         c = self._chunk_size(support_x, support_y, query_x, query_y, steps, weights, loss_fn)
         bounds = [(i, min(i + c, T)) for i in range(0, T, c)]
-        results = [self._meta_gradient(support_x[a:b], support_y[a:b], query_x[a:b], query_y[a:b], steps, weights,
-                                       loss_fn, len(bounds) > 1 and T % c != 0)
-                   for a, b in bounds]
-        r = results[0] if len(results) == 1 else _combine(results, [(b - a) / T for a, b in bounds])
-        self._check_finite(r.support_losses, r.query_losses_all, weights)
-        if self.backend == "reference":
-            grads = r.param_grads
-        else:
-            grads = dict(self.layout.views(r.theta_grad))
-            grads.update(r.shared_grads)
-        lr_grad = r.lr_grad
-        self._check_meta_gradient(grads, lr_grad)
+        # bn_stats="running": the BatchNorm statistics of each chunk's forwards, applied once all checks passed
+        with self._bn_updates() as rec:
+            results = [self._meta_gradient(support_x[a:b], support_y[a:b], query_x[a:b], query_y[a:b], steps, weights,
+                                           loss_fn, len(bounds) > 1 and T % c != 0,
+                                           None if rec is None else rec.observer(support_x[a:b], query_x[a:b], steps,
+                                                                                 weights, a))
+                       for a, b in bounds]
+            r = results[0] if len(results) == 1 else _combine(results, [(b - a) / T for a, b in bounds])
+            self._check_finite(r.support_losses, r.query_losses_all, weights)
+            if self.backend == "reference":
+                grads = r.param_grads
+            else:
+                grads = dict(self.layout.views(r.theta_grad))
+                grads.update(r.shared_grads)
+            lr_grad = r.lr_grad
+            self._check_meta_gradient(grads, lr_grad)
         for name, p in self.model.named_parameters():
             if name in grads:
                 _accumulate(p, grads[name])
@@ -404,14 +520,19 @@ class MAML(nn.Module):
         return MetaStepOutput(r.objective, r.query_losses, r.query_accuracy)
 
     def _meta_gradient(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int, weights: Sequence[float],
-                       loss_fn: Optional[LossFn], two_graphs: bool = False):
-        """One backend call on a batch (or chunk) of tasks: an EngineResult, or the reference's result."""
+                       loss_fn: Optional[LossFn], two_graphs: bool = False, observe=None):
+        """One backend call on a batch (or chunk) of tasks: an EngineResult, or the reference's result.
+        ``observe(k, theta_k)``: sees the inner loop's iterates (bn_stats='running')."""
         if self.backend == "reference":
-            return reference.meta_gradient(self.model, self.inner_lr, self.layout, sx, sy, qx, qy, steps,
-                                           self.first_order, weights, loss_fn)
+            r = reference.meta_gradient(self.model, self.inner_lr, self.layout, sx, sy, qx, qy, steps,
+                                        self.first_order, weights, loss_fn)
+            if observe is not None:  # the oracle keeps no iterates: the per-task inner loop again
+                self._reference_adapt(sx, sy, steps, loss_fn, observe)
+            return r
         if self.cuda_graph:
             return self._replay(sx, sy, qx, qy, steps, weights, loss_fn, 2 if two_graphs else 1)
-        return self.engine.meta_gradient(sx, sy, qx, qy, steps, self.first_order, weights, loss_fn, self.memory)
+        return self._engine().meta_gradient(sx, sy, qx, qy, steps, self.first_order, weights, loss_fn, self.memory,
+                                            observe)
 
     def _chunk_size(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int, weights: Sequence[float],
                     loss_fn: Optional[LossFn]) -> int:
@@ -465,31 +586,40 @@ class MAML(nn.Module):
         [T, N, ...] (a model with several inputs), ``support_y`` any pytree of [T, ...] tensors (targets
         with masks, extra data) read by ``loss_fn(pred, batch)``, called per task (vmapped, or task
         after task when vmap cannot run it). ``nn.CrossEntropyLoss()`` / ``nn.MSELoss()`` with default
-        settings run as the built-in losses."""
+        settings run as the built-in losses.
+
+        ``bn_stats="running"``, BatchNorm in training mode: the running statistics are updated with the
+        support forwards at theta_0..theta_{K-1}, task after task (t-major, then k), when adapt
+        succeeds; in evaluation mode the inner steps normalize with the running statistics."""
         steps = self._steps(steps, least=0)
         self._check_deterministic("adapt")
+        self._check_reference_eval("adapt")
         if not isinstance(create_graph, bool):
             raise TypeError(f"create_graph must be a bool, got {create_graph!r} ({type(create_graph).__name__})")
         loss_fn = resolve_loss(loss_fn, support_y)
         if is_general(support_x, support_y):
             return self._adapt_general(support_x, support_y, steps, loss_fn, create_graph)
         self._check_inputs((("support_x", support_x, "support_y", support_y),), loss_fn)
-        if create_graph:
-            if self.backend == "reference":
-                raise ValueError("adapt(create_graph=True) runs on backend='engine' (its backward is the engine's "
-                                 "reverse pass); the reference backend is the per-task oracle of meta_step")
-            engine = self.engine if loss_fn is None else self._general_engine()
-            flat, losses = adapt_with_graph(self, engine, support_x, support_y, steps, loss_fn, self.memory)
-        elif self.backend == "reference":
-            flat, losses = self._reference_adapt(support_x, support_y, steps, loss_fn)
-        else:
-            flat, losses = self.engine.adapt(support_x, support_y, steps, loss_fn)
-        if not bool(torch.isfinite(losses).all()):
-            k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
-            raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
-        if not bool(torch.isfinite(flat).all()):
-            raise FloatingPointError("non-finite fast weights after the inner steps although the support losses "
-                                     "are finite (an inner_lr or inputs too large?)")
+        with self._bn_updates() as rec:
+            observe = None if rec is None else rec.observer(support_x, None, steps)
+            if create_graph:
+                if self.backend == "reference":
+                    raise ValueError("adapt(create_graph=True) runs on backend='engine' (its backward is the "
+                                     "engine's reverse pass); the reference backend is the per-task oracle of "
+                                     "meta_step")
+                engine = self._engine() if loss_fn is None else self._general_engine()
+                flat, losses = adapt_with_graph(self, engine, support_x, support_y, steps, loss_fn, self.memory,
+                                                observe)
+            elif self.backend == "reference":
+                flat, losses = self._reference_adapt(support_x, support_y, steps, loss_fn, observe)
+            else:
+                flat, losses = self._engine().adapt(support_x, support_y, steps, loss_fn, observe)
+            if not bool(torch.isfinite(losses).all()):
+                k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
+                raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
+            if not bool(torch.isfinite(flat).all()):
+                raise FloatingPointError("non-finite fast weights after the inner steps although the support losses "
+                                         "are finite (an inner_lr or inputs too large?)")
         return FastWeights(flat, losses, self._identity, self.layout, tuple(support_x.shape[2:]))
 
     def _general_engine(self):
@@ -498,6 +628,7 @@ class MAML(nn.Module):
         if eng is None:
             eng = GeneralEngine(self.model, self.layout, self.inner_lr, self.engine.kernel_backend,
                                 self.engine.batched.batching)
+            eng.batched.bn_keep_eval = self.bn_stats == "running"
             self.__dict__["_general"] = eng
         return eng
 
@@ -513,13 +644,15 @@ class MAML(nn.Module):
             if isinstance(t, Tensor) and t.device != ref.device:
                 raise ValueError(f"an input or target is on {t.device} but the model is on {ref.device}")
         eng = self._general_engine()
-        if create_graph:
-            flat, losses = adapt_with_graph(self, eng, sx, sy, steps, loss_fn, self.memory)
-        else:
-            flat, losses = eng.adapt(sx, sy, steps, loss_fn)
-        if not bool(torch.isfinite(losses).all()):
-            k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
-            raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
+        with self._bn_updates(eng) as rec:
+            observe = None if rec is None else rec.observer(sx, None, steps)
+            if create_graph:
+                flat, losses = adapt_with_graph(self, eng, sx, sy, steps, loss_fn, self.memory, observe)
+            else:
+                flat, losses = eng.adapt(sx, sy, steps, loss_fn, observe)
+            if not bool(torch.isfinite(losses).all()):
+                k, t = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
+                raise FloatingPointError(f"non-finite support loss at inner step {k} of task {t}")
         example = tuple(sx.shape[2:]) if isinstance(sx, Tensor) else None
         return FastWeights(flat, losses, self._identity, self.layout, example)
 
@@ -527,7 +660,9 @@ class MAML(nn.Module):
         """``learner(fast, x)``: outputs [T, M, ...] of each task's adapted model on x [T, M, ...] (or
         a tuple of such inputs), differentiable with respect to ``fast.flat`` (when ``adapt`` ran with
         ``create_graph=True``: the meta-parameters) and the parameters that are not adapted. Without
-        autograd (``torch.no_grad()``), the same as :meth:`predict`."""
+        autograd (``torch.no_grad()``), the same as :meth:`predict`. ``bn_stats="running"``: as
+        :meth:`predict` (running statistics in evaluation mode; in training mode this forward's batch
+        statistics update them, task after task)."""
         self._check_fast(fast)
         x = as_inputs(x)
         T = fast.num_tasks
@@ -542,31 +677,49 @@ class MAML(nn.Module):
             if fast.example_shape is not None and tuple(x.shape[2:]) != tuple(fast.example_shape):
                 want = "[" + ", ".join(str(s) for s in fast.example_shape) + "]"
                 raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
-            with inner_step(query_step(fast.support_losses.shape[0])):  # after K updates: step K - 1
-                return self.engine.batched.forward(fast.flat, x)
-        with inner_step(query_step(fast.support_losses.shape[0])):
-            return self._general_engine().batched.forward(fast.flat, x)
+            engine = self._engine()
+        else:
+            engine = self._general_engine()
+        batched = engine.batched
+        step = query_step(fast.support_losses.shape[0])  # after K updates: step K - 1
+        with self._bn_updates(engine) as rec:
+            with inner_step(step):
+                out = batched.forward(fast.flat, x)
+            if rec is not None:
+                rec.record(fast.flat, x, step)
+        return out
 
-    def _reference_adapt(self, sx, sy, steps, loss_fn):
+    def _reference_adapt(self, sx, sy, steps, loss_fn, observe=None):
+        """The oracle's per-task inner loop: (theta_K [T, P], support losses [K, T]);
+        ``observe(k, theta_k [T, P])`` for k = 0..K afterwards, as the engine's."""
         loss_fn = loss_fn or (torch.nn.functional.cross_entropy if is_classification(sy) else torch.nn.functional.mse_loss)
         lr = self.inner_lr.lr.detach()
-        flats, losses = [], torch.empty(steps, sx.shape[0], dtype=lr.dtype, device=lr.device)
+        iterates: List[List[Tensor]] = [[] for _ in range(steps + 1)]  # [k][t]
+        losses = torch.empty(steps, sx.shape[0], dtype=lr.dtype, device=lr.device)
         with torch.enable_grad(), batch_statistics(self.model):
             for t in range(sx.shape[0]):
                 fast = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+                iterates[0].append(self.layout.flatten(fast[n].detach() for n in self.layout.names))
                 for k in range(steps):
                     fast, loss = reference.sgd_step(self.model, self.inner_lr, self.layout, fast, k,
                                                     sx[t], sy[t], False, loss_fn, lr.to(sx.dtype))
                     losses[k, t] = loss.detach()
-                flats.append(self.layout.flatten(fast[n].detach() for n in self.layout.names))
-        return torch.stack(flats), losses
+                    iterates[k + 1].append(self.layout.flatten(fast[n].detach() for n in self.layout.names))
+        if observe is not None:
+            for k, its in enumerate(iterates):
+                observe(k, torch.stack(its))
+        return torch.stack(iterates[steps]), losses
 
     @torch.no_grad()
     def predict(self, fast: FastWeights, x: Tensor) -> Tensor:
         """Outputs [T, M, ...] of each task's adapted model on its inputs x [T, M, ...].
 
         ``fast`` must come from this learner's ``adapt``; x gets the checks of ``meta_step``'s inputs
-        (device, dtype, finite values, T tasks, examples of the support set's shape)."""
+        (device, dtype, finite values, T tasks, examples of the support set's shape).
+
+        ``bn_stats="running"``: BatchNorm in evaluation mode normalizes with its running statistics
+        (on the generic path); in training mode with the batch's, per task, and the running
+        statistics are updated with this forward's, task after task."""
         self._check_fast(fast)
         ref = self._reference_param()
         self._check_x("x", x, ref)
@@ -580,7 +733,13 @@ class MAML(nn.Module):
             raise ValueError(f"x has examples of shape {_shape(x[0, 0])} but the support set's are {want}")
         self._check_finite_input("x", x)
         # the query pass after K updates runs at inner step K - 1 (per-step BatchNorm weights)
-        return self.engine.forward(fast.flat, x, step=query_step(fast.support_losses.shape[0]))
+        step = query_step(fast.support_losses.shape[0])
+        engine = self._engine()
+        with self._bn_updates(engine) as rec:
+            out = engine.forward(fast.flat, x, step=step)
+            if rec is not None:
+                rec.record(fast.flat, x, step)
+        return out
 
     def _check_fast(self, fast: FastWeights) -> None:
         if not isinstance(fast, FastWeights):
@@ -608,11 +767,16 @@ class MAML(nn.Module):
     @torch.no_grad()
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                  steps: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> MetaStepOutput:
-        """Adapt on the support sets, then the query loss (and accuracy) of every task."""
+        """Adapt on the support sets, then the query loss (and accuracy) of every task.
+
+        ``bn_stats="running"``, BatchNorm in training mode: the running statistics are updated in the
+        per-task order of ``meta_step`` (task t: support forwards at theta_0..theta_{K-1}, then the query
+        forward), once both passes succeeded."""
         self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
                            loss_fn)
-        fast = self.adapt(support_x, support_y, steps, loss_fn)
-        pred = self.predict(fast, query_x)
+        with self._bn_updates():
+            fast = self.adapt(support_x, support_y, steps, loss_fn)
+            pred = self.predict(fast, query_x)
         losses = task_losses(pred, query_y, loss_fn)
         acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
         return MetaStepOutput(losses.mean(), losses, acc)
@@ -769,7 +933,7 @@ def probe_chunk(learner: "MAML", sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
                 reference.meta_gradient(learner.model, learner.inner_lr, learner.layout, sx[:c], sy[:c], qx[:c],
                                         qy[:c], steps, learner.first_order, weights, loss_fn)
             else:
-                learner.engine.meta_gradient(sx[:c], sy[:c], qx[:c], qy[:c], steps, learner.first_order, weights,
+                learner._engine().meta_gradient(sx[:c], sy[:c], qx[:c], qy[:c], steps, learner.first_order, weights,
                                              loss_fn, learner.memory)
         return fn
 
