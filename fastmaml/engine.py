@@ -31,10 +31,12 @@ argument (and keeps it in the HVP state). ``Engine.forward`` runs at the step it
 enclosing context's.
 
 Memory: ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the last step's support
-activations and, on the fused path, earlier steps' support activations while they total at most
-``STORE_FRACTION`` of the query pass's (so peak memory stays flat in K); other steps' support
-gradients are recomputed in the reverse pass. ``recompute`` keeps about sqrt(K) checkpoints and
-recomputes the iterates between two checkpoints during the reverse pass.
+activations and, on the fused path, earlier steps' support activations (with their gradients)
+while they and the iterates total at most ``STORE_FRACTION`` of the query pass's activations (so
+peak memory stays flat in K); other steps' support gradients are recomputed in the reverse pass.
+On the fused path, when the iterates alone exceed that budget (large K), only every
+ceil(sqrt(K))-th iterate is kept, as in ``recompute``. ``recompute`` keeps about sqrt(K)
+checkpoints and recomputes the iterates between two checkpoints during the reverse pass.
 """
 
 from __future__ import annotations
@@ -185,11 +187,16 @@ class Engine:
         activations), and ``kept``: step -> the HVP state of that step.
 
         ``keep_states``: False (none), 'last' (step k1-1: its HVP needs no recomputation) or 'budget'
-        (fused path: the last step, and earlier ones while their activations total at most
-        STORE_FRACTION of the query pass's, estimated from ``query_examples``)."""
+        (fused path: the last step, and earlier ones while their activations and support gradients,
+        together with the iterates of these steps, total at most STORE_FRACTION of the query pass's
+        activations, estimated from ``query_examples``)."""
         iterates, grads, kept = [theta_start], [], {}
         theta = theta_start
         budget, used = None, 0
+        # the iterates theta_{k0+1}..theta_{k1-1} are kept in store mode as well: they count against
+        # the same budget, so that at large K (20 iterates of [T, P]) earlier states give way to them
+        # and peak memory stays near K = 1's
+        iterate_bytes = x.shape[0] * self.layout.numel * theta_start.element_size()
         for k in range(k0, k1):
             keep = keep_states == "last" and k == k1 - 1 or keep_states == "budget"
             with record_function("fastmaml.support_grad"), step_context.inner_step(k):
@@ -200,7 +207,8 @@ class Engine:
                 if keep_states == "budget" and k < k1 - 1:
                     if budget is None:
                         budget = STORE_FRACTION * state.nbytes * query_examples / x.shape[1]
-                    used += state.nbytes
+                        used = (k1 - k0 - 1) * iterate_bytes
+                    used += state.nbytes + iterate_bytes  # the state and its support gradient g_k
                     if used <= budget:
                         kept[k] = state
                 else:
@@ -256,6 +264,19 @@ class Engine:
             theta = theta.expand(T, -1)
         if observe is not None:
             observe(K, theta)
+        if memory == "store" and not first_order and (K - 1) in kept and query_examples > 0 \
+                and isinstance(kept[K - 1], FusedState):
+            # The K iterates are [T, P] each: at large K they alone outgrow the store budget
+            # (STORE_FRACTION of the query pass's activations, which set peak memory at K = 1).
+            # Then keep every c-th iterate as a checkpoint, as recompute mode does, so that peak
+            # memory stays flat in K; the support passes in between are recomputed in reverse.
+            budget = STORE_FRACTION * kept[K - 1].nbytes * query_examples / support_x.shape[1]
+            iterate_bytes = T * self.layout.numel * theta0.element_size()
+            spacing = max(1, math.ceil(math.sqrt(K)))
+            if (K - 1) * iterate_bytes > budget and spacing < K:
+                memory, c = "recompute", spacing
+                checkpoints, stored_grads = checkpoints[::c], []
+                kept = {K - 1: kept[K - 1]}
         return InnerLoop(K, first_order, memory, loss_fn, support_x, support_y, lr, ops, c, checkpoints,
                          stored_grads, kept, theta, support_losses)
 

@@ -9,6 +9,7 @@ Rates start random and non-uniform, so an indexing bug across steps, layers or e
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -161,6 +162,31 @@ def test_store_mode_keeps_earlier_steps_when_the_query_set_is_large():
     learner.engine.forward_steps = spy
     learner.meta_step(*batch)
     assert 4 in kept_steps and 1 < len(kept_steps) < 5, kept_steps
+
+
+@pytest.mark.parametrize("K,multi_step", [(3, False), (5, False), (5, True)])
+def test_store_mode_checkpoints_the_iterates_when_they_outgrow_the_budget(monkeypatch, K, multi_step):
+    """At large K the iterates alone exceed the store budget: store mode keeps every ceil(sqrt(K))-th
+    as a checkpoint (recompute's reverse pass) and stays exact. A budget of 0 forces that here."""
+    import fastmaml.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "STORE_FRACTION", 0.0)
+    model = randomize(conv_bn_pool().to(DT), 9)
+    batch = cls_batch(T=3, shots=1, queries=6, seed=10)
+    weights = [0.2] * (K - 1) + [1.0] if multi_step else None
+    check(model, batch, inner_steps=K, memory="store", multi_step_weights=weights, learn_lr=True,
+          lr_mode="per_step", seed=11)
+    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=K, batching="fused")
+    seen = []
+    real = learner.engine.reverse
+
+    def spy(loop, *a, **k):  # what the reverse pass is handed, before it consumes the kept states
+        seen.append((loop.memory, loop.c, len(loop.checkpoints), sorted(loop.kept)))
+        return real(loop, *a, **k)
+
+    learner.engine.reverse = spy
+    learner.meta_step(*batch)
+    spacing = math.ceil(math.sqrt(K))
+    assert seen == [("recompute", spacing, math.ceil(K / spacing), [K - 1])]
 
 
 @pytest.mark.parametrize("adapt", [["4.weight", "4.bias", "9.weight", "9.bias"], ["9.weight", "9.bias"], ["0.bias", "9.bias"]])
