@@ -7,6 +7,10 @@ meta-step each in turn, and the medians are compared; also the statistics pass a
 adds). Prints a table and writes JSON (machine, torch, threads) to bench/results/bn_running_<device>.json.
 
     python bench/bench_bn_running.py [--repeats 15] [--threads 1] [--tasks 32] [--steps 1] [--queries 1]
+                                     [--malloc keep|default]
+
+``--malloc keep`` (default) sets glibc's malloc as ``fastmaml train`` does
+(:func:`fastmaml.train.keep_freed_memory`); ``default`` leaves it alone.
 """
 
 from __future__ import annotations
@@ -42,7 +46,13 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1, help="query images per class (omniglot-5w1s: 1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep")
     args = ap.parse_args()
+    malloc_kept = False
+    if args.malloc == "keep":
+        from fastmaml.train import keep_freed_memory
+
+        malloc_kept = keep_freed_memory()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     T, ways = args.tasks, 5
@@ -95,6 +105,7 @@ def main() -> None:
         "overhead": med["running"] / med["batch"] - 1.0,
         "repeats": args.repeats,
         "threads": args.threads,
+        "malloc_keep_freed_memory": malloc_kept,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

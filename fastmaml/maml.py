@@ -139,8 +139,8 @@ class MAML(nn.Module):
               the generic path (``execution_path`` says why). Cost: one extra forward of every task
               per recorded pass, without autograd (fused kernels where the meta-step uses them); on
               the omniglot-5w1s training batch (T = 32, second order, float32, 1 CPU thread, fused
-              path, ``bench/bench_bn_running.py``) a meta-step took +26% at K = 1 (2.69 vs 2.14 s)
-              and +37% at K = 5 (14.8 vs 10.8 s) on a loaded 2-core machine. Not with
+              path, ``bench/bench_bn_running.py``) a meta-step took +25% at K = 1 (2.92 vs 2.34 s)
+              and +13% at K = 5 (16.7 vs 14.8 s) on a loaded 2-core machine. Not with
               ``cuda_graph=True`` (refused), and the reference backend refuses BatchNorm in
               evaluation mode (its oracle runs batch statistics only).
 
