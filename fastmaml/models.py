@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .step_context import current_step
+from .step_context import current_step, weight_set
 
 __all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build"]
 
@@ -105,14 +105,8 @@ class PerStepBatchNorm(nn.Module):
 
     def row(self, step: Optional[int]) -> int:
         """The weight set of inner step ``step``: min(step, S - 1); raises for None (no step context)."""
-        if step is None:
-            raise RuntimeError(
-                f"PerStepBatchNorm has one weight set per inner step ({self.steps}) and was called outside an "
-                "inner-step context: run it as `with fastmaml.step_context.inner_step(k): model(x)` (the engine "
-                "sets the step for MAML / MAML++; ANIL, Reptile and iMAML do not define one)")
-        if step < 0:
-            raise ValueError(f"PerStepBatchNorm: the inner step must be >= 0, got {step}")
-        return min(int(step), self.steps - 1)
+        return weight_set(step, self.steps, "PerStepBatchNorm",
+                          "run it as `with fastmaml.step_context.inner_step(k): model(x)`")
 
     def forward(self, x: Tensor) -> Tensor:
         want = (2, 3) if self.dims == 1 else (4,)

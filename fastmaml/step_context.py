@@ -31,7 +31,7 @@ import contextvars
 import numbers
 from typing import Iterator, Optional
 
-__all__ = ["inner_step", "current_step", "query_step", "check_step"]
+__all__ = ["inner_step", "current_step", "query_step", "check_step", "weight_set"]
 
 _STEP: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("fastmaml_inner_step", default=None)
 
@@ -64,3 +64,15 @@ def query_step(updates: int) -> int:
     """The step of a query forward after ``updates`` inner updates: ``updates - 1``, and 0 for the
     unadapted meta-parameters (``updates = 0``)."""
     return max(check_step(updates, "updates") - 1, 0)
+
+
+def weight_set(step: Optional[int], sets: int, what: str, hint: str) -> int:
+    """The parameter set that a layer with ``sets`` per-step sets uses at ``step``: min(step, sets - 1).
+    ``step`` None (no inner-step context) raises a RuntimeError naming ``what``, with ``hint`` (how
+    to give the step there)."""
+    if step is None:
+        raise RuntimeError(
+            f"{what} has one weight set per inner step ({sets}) and was called outside an inner-step context "
+            f"(without an inner step): {hint}. The engine sets the step for MAML / MAML++; ANIL, Reptile and "
+            "iMAML do not define one")
+    return min(check_step(step), sets - 1)

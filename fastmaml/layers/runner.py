@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import FlatLayout
+from ..step_context import weight_set
 from . import reference as R
 from .program import Act, BatchNormBlock, Conv, Flatten, GlobalMean, Linear, MaxPool, Node, params_of
 
@@ -143,17 +144,11 @@ class FusedModel:
     @staticmethod
     def _row(node: BatchNormBlock, step: Optional[int]) -> Optional[int]:
         """The weight set a per-step BatchNorm block uses at ``step``: min(step, S - 1); None for an
-        ordinary block. The same rule and the same error as ``PerStepBatchNorm.row``."""
+        ordinary block. The rule is :func:`fastmaml.step_context.weight_set`, shared with ``PerStepBatchNorm``."""
         if not node.steps:
             return None
-        if step is None:
-            raise RuntimeError(
-                f"the model has per-step BatchNorm ({node.steps} weight sets) and the fused path was run without "
-                "an inner step: pass step= (the engine passes fastmaml.step_context.current_step(); ANIL, "
-                "Reptile and iMAML do not define one)")
-        if step < 0:
-            raise ValueError(f"the inner step must be >= 0, got {step}")
-        return min(int(step), node.steps - 1)
+        return weight_set(step, node.steps, "the fused path's per-step BatchNorm",
+                          "pass step= (the engine passes fastmaml.step_context.current_step())")
 
     # -- forward ---------------------------------------------------------------------------------
     def _forward(self, params: Dict[str, Tensor], x: Tensor, save: bool,
