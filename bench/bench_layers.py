@@ -3,9 +3,16 @@
 blocks), a plain serial per-task loop of ATen convolutions (each using all intra-op threads), and
 the C++ kernels (fastmaml/layers/cpp.py: tasks spread over the threads, fused BatchNorm blocks),
 at 1 and 2 threads, on the conv4 shapes (T = 32; N = 5 support or 75 query images per task).
+For the BatchNorm blocks also ``cpp_base``: the same C++ kernels in their baseline build
+(FASTMAML_CPU_ISA=base; ``cpp`` runs the AVX-512 build where the CPU has it).
 
     python bench/bench_layers.py                 # prints a table, writes bench/results/layers_cpu.json
     python bench/bench_layers.py --repeats 3 --n 5
+
+Before / after a change of csrc/layers.cpp, in one interleaved run: build the old source into a
+library of its own whose ops are registered under another namespace (``--before-lib``, e.g. with
+torch.utils.cpp_extension.load after renaming ``TORCH_LIBRARY_FRAGMENT(fastmaml`` and
+``TORCH_LIBRARY_IMPL(fastmaml`` to the namespace given by ``--before-ns``): a column ``before``.
 
 Medians of interleaved repeats (the implementations of one row alternate, so that machine noise
 hits them alike). A benchmark, not a test.
@@ -68,7 +75,23 @@ def serial_conv_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
     return (torch.stack(dxs) if need_dx else None), (torch.stack(dws) if need_dw else None), db
 
 
-def rows(T: int, Ns, dtype):
+def base_isa(fn):
+    """``fn`` run with the BatchNorm kernels' baseline build (FASTMAML_CPU_ISA=base)."""
+    def run():
+        old = os.environ.get("FASTMAML_CPU_ISA")
+        os.environ["FASTMAML_CPU_ISA"] = "base"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FASTMAML_CPU_ISA"]
+            else:
+                os.environ["FASTMAML_CPU_ISA"] = old
+    return run
+
+
+def rows(T: int, Ns, dtype, before=None):
+    """(op, shape, {implementation: fn}); ``before``: the torch.ops namespace of an older build."""
     g = torch.Generator().manual_seed(0)
 
     def rnd(*s):
@@ -103,8 +126,12 @@ def rows(T: int, Ns, dtype):
             for name, a in (("bn fwd", fa), ("bn bwd", ba), ("bn rfwd", rfa), ("bn rbwd", rba)):
                 fn = {"bn fwd": "bn_act_pool_forward", "bn bwd": "bn_act_pool_backward",
                       "bn rfwd": "bn_act_pool_rforward", "bn rbwd": "bn_act_pool_rbackward"}[name]
-                yield (name, shape, {"reference": lambda a=a, f=getattr(R, fn): f(*a),
-                                     "cpp": lambda a=a, f=getattr(C, fn): f(*a)})
+                impls = {"reference": lambda a=a, f=getattr(R, fn): f(*a),
+                         "cpp": lambda a=a, f=getattr(C, fn): f(*a),
+                         "cpp_base": base_isa(lambda a=a, f=getattr(C, fn): f(*a))}
+                if before is not None:
+                    impls["before"] = lambda a=a, f=getattr(before, fn): f(*a)
+                yield (name, shape, impls)
 
 
 def time_row(impls, repeats: int):
@@ -127,48 +154,62 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "layers_cpu.json"))
+    ap.add_argument("--before-lib", default=None, help="an older build of csrc/layers.cpp (see above)")
+    ap.add_argument("--before-ns", default="fmbase", help="the torch.ops namespace of --before-lib")
     args = ap.parse_args(argv)
     if not C.AVAILABLE:
         print(f"C++ layer kernels unavailable: {C.REASON}")
         return 1
+    before = None
+    if args.before_lib:
+        torch.ops.load_library(args.before_lib)
+        before = getattr(torch.ops, args.before_ns)
     dtype = getattr(torch, args.dtype)
     old_threads = torch.get_num_threads()
     results = []
-    hdr = f"{'op':<17} {'shape':<28} {'thr':>3} {'reference':>10} {'serial':>9} {'cpp':>9} {'ref/cpp':>8} {'ser/cpp':>8}"
+    isa = torch.ops.fastmaml.bn_kernels_isa() if hasattr(torch.ops.fastmaml, "bn_kernels_isa") else "?"
+    hdr = (f"{'op':<17} {'shape':<28} {'thr':>3} {'reference':>10} {'serial':>9} {'cpp':>9} {'ref/cpp':>8} "
+           f"{'ser/cpp':>8} {'cpp_base':>9} {'base/cpp':>8}" + (f" {'before':>9} {'bef/cpp':>8}" if before else ""))
     print(f"torch {torch.__version__}, {machine()['cpu']}, T={args.tasks}, {args.dtype}, "
-          f"median of {args.repeats} (ms)")
+          f"median of {args.repeats} (ms); BatchNorm kernels: {isa} build")
     print(hdr)
     print("-" * len(hdr))
     with torch.no_grad():
-        for op, shape, impls in rows(args.tasks, args.n, dtype):
+        for op, shape, impls in rows(args.tasks, args.n, dtype, before):
             for thr in args.threads:
                 torch.set_num_threads(thr)
                 ms = time_row(impls, args.repeats)
                 row = {"op": op, "shape": shape, "threads": thr, "ms": ms,
                        "reference_over_cpp": ms["reference"] / ms["cpp"]}
-                if "serial" in ms:
-                    row["serial_over_cpp"] = ms["serial"] / ms["cpp"]
+                for k in ("serial", "cpp_base", "before"):
+                    if k in ms:
+                        row[f"{k}_over_cpp"] = ms[k] / ms["cpp"]
                 results.append(row)
-                ser = f"{ms['serial']:9.3f}" if "serial" in ms else f"{'-':>9}"
-                sr = f"{row['serial_over_cpp']:7.2f}x" if "serial" in ms else f"{'-':>8}"
+
+                def col(k):
+                    return ((f"{ms[k]:9.3f}", f"{row[k + '_over_cpp']:7.2f}x") if k in ms
+                            else (f"{'-':>9}", f"{'-':>8}"))
+                (ser, sr), (bs, br), (bf, bfr) = col("serial"), col("cpp_base"), col("before")
                 print(f"{op:<17} {shape:<28} {thr:>3} {ms['reference']:10.3f} {ser} {ms['cpp']:9.3f} "
-                      f"{row['reference_over_cpp']:7.2f}x {sr}", flush=True)
+                      f"{row['reference_over_cpp']:7.2f}x {sr} {bs} {br}" + (f" {bf} {bfr}" if before else ""),
+                      flush=True)
     torch.set_num_threads(old_threads)
     totals = {}
     for r in results:
-        key = (r["threads"], r["shape"].split()[0])
-        t = totals.setdefault(key, {"reference": 0.0, "cpp": 0.0})
-        t["reference"] += r["ms"]["reference"]
-        t["cpp"] += r["ms"]["cpp"]
+        for group in ("all", "bn" if r["op"].startswith("bn") else "conv"):
+            key = (r["threads"], r["shape"].split()[0], group)
+            t = totals.setdefault(key, {})
+            for k, v in r["ms"].items():
+                t[k] = t.get(k, 0.0) + v
     print("\nsum over ops (ms):")
-    for (thr, n), t in sorted(totals.items()):
-        print(f"  threads={thr} {n}: reference {t['reference']:.2f}, cpp {t['cpp']:.2f} "
-              f"({t['reference'] / t['cpp']:.2f}x)")
+    for (thr, n, group), t in sorted(totals.items()):
+        others = ", ".join(f"{k} {v:.2f} ({v / t['cpp']:.2f}x)" for k, v in t.items() if k != "cpp")
+        print(f"  threads={thr} {n} {group}: cpp {t['cpp']:.2f}; {others}")
     doc = {"machine": machine(), "torch": torch.__version__, "parallel_backend_info":
            torch.__config__.parallel_info().splitlines()[:6], "dtype": args.dtype, "tasks": args.tasks,
            "repeats": args.repeats, "threads": args.threads, "unit": "ms (median)",
-           "load_average": os.getloadavg(), "rows": results,
-           "totals": [{"threads": k[0], "n": k[1], **v} for k, v in sorted(totals.items())]}
+           "load_average": os.getloadavg(), "bn_kernels_isa": isa, "before_lib": args.before_lib, "rows": results,
+           "totals": [{"threads": k[0], "n": k[1], "ops": k[2], **v} for k, v in sorted(totals.items())]}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)

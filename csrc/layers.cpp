@@ -10,14 +10,18 @@
 // (oneDNN / MKL GEMMs) single-threaded inside the parallel region and written into a preallocated
 // [T, ...] output. Small convolutions scale far better across tasks than inside one batch.
 //
-// BatchNorm blocks: float and double; one work item per (task, channel), a FIXED decomposition
-// (never derived from the thread count), each item computing its reductions in double in a fixed
-// order with kLanes independent partial sums, so every result is bit-identical for any number of
-// threads. Each item makes two passes over its N slices of H*W contiguous elements: the
-// reductions, then the elementwise output. Elementwise values are computed in the input dtype in
-// the reference's order (xh = (z - mean) * rstd, a = gamma * xh + beta) so that every pass sees
-// the same activation mask; the max-pool indices are those of the forward (first maximum on ties,
-// as torch's max picks it).
+// BatchNorm blocks (csrc/layers_bn.inc): float and double; one work item per (task, channel), a
+// FIXED decomposition (never derived from the thread count), each item computing its reductions in
+// double in a fixed order with kLanes independent partial sums, so every result is bit-identical
+// for any number of threads. Each item makes two passes over its N slices of H*W contiguous
+// elements: the reductions (the forward: the mean, then the squared deviations), then the
+// elementwise output; the backward passes compute the activation's gradient and its sums in one
+// loop and keep it for the output loop. Elementwise values are computed in the input dtype in the
+// reference's order (xh = (z - mean) * rstd, a = gamma * xh + beta) so that every pass sees the
+// same activation mask; the max-pool indices are those of the forward (first maximum on ties, as
+// torch's max picks it). The kernels are compiled twice, for the baseline target and for AVX-512
+// (GCC on x86-64), and chosen at run time by the CPU's features: both give bit-identical results
+// (FASTMAML_CPU_ISA=base forces the baseline, for tests and comparisons).
 
 #include <torch/library.h>
 
@@ -29,17 +33,32 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-// Our loops only (after the includes): without this GCC keeps `a > 0 ? ...` as control flow
-// (a compare may trap) and vectorizes none of the elementwise loops. It changes no result: no
-// reassociation, no contraction, only the assumption that floating-point exceptions are not trapped.
-#pragma GCC optimize("no-trapping-math")
+// The AVX-512 build of the BatchNorm kernels: GCC on x86-64 (#pragma GCC target, with runtime
+// dispatch); elsewhere the baseline build only.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTMAML_NO_AVX512)
+#define FASTMAML_AVX512_PATH 1
+#include <immintrin.h>
+#else
+#define FASTMAML_AVX512_PATH 0
+#endif
+
+// Our loops only (after the includes): without no-trapping-math GCC keeps `a > 0 ? ...` as control
+// flow (a compare may trap) and vectorizes none of the elementwise loops. It changes no result: no
+// reassociation, only the assumption that floating-point exceptions are not trapped. No contraction
+// of a * b + c into an FMA either (GCC contracts by default where the target has FMAs, as the
+// AVX-512 build does): every product and sum is rounded as the reference rounds it, and both builds
+// compute the same bits.
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
 
 namespace fastmaml {
 namespace layers {
@@ -228,280 +247,44 @@ Tensor check_idx(const char* op, const OptT& idx, const Geo& g) {
   return idx->contiguous();
 }
 
-// Sum of kLanes partial sums, in a fixed order.
-inline double lanes_sum(const double* a) {
-  double s = 0.0;
-  for (int l = 0; l < kLanes; ++l) s += a[l];
-  return s;
+
+// ---- the BatchNorm kernels, built twice (csrc/layers_bn.inc) ----
+
+#define FM_AVX512 0
+namespace isa_base {
+#include "layers_bn.inc"
+}  // namespace isa_base
+#undef FM_AVX512
+
+#if FASTMAML_AVX512_PATH
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#define FM_AVX512 1
+namespace isa_avx512 {
+#include "layers_bn.inc"
+}  // namespace isa_avx512
+#undef FM_AVX512
+#pragma GCC pop_options
+#else
+namespace isa_avx512 = isa_base;
+#endif
+
+// The AVX-512 build when this CPU (and its OS) has AVX-512 F/BW/VL/DQ, unless FASTMAML_CPU_ISA=base.
+bool use_avx512() {
+#if FASTMAML_AVX512_PATH
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const char* isa = std::getenv("FASTMAML_CPU_ISA");
+  return cpu && !(isa != nullptr && std::strcmp(isa, "base") == 0);
+#else
+  return false;
+#endif
 }
 
-// Full-resolution rows from the pooled gradient: row pair (2i, 2i+1) of dh gets d[i, j] at the
-// window position idx[i, j], zero elsewhere; an odd last column / row is zero.
-template <typename S>
-inline void scatter_slice(const S* __restrict d, const uint8_t* __restrict k, S* __restrict dh,
-                          const Geo& g) {
-  const int64_t W = g.W, Wo = g.Wo;
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    const S* __restrict di = d + i * Wo;
-    const uint8_t* __restrict ki = k + i * Wo;
-    S* __restrict r0 = dh + 2 * i * W;
-    S* __restrict r1 = r0 + W;
-    for (int64_t j = 0; j < Wo; ++j) {
-      const S v = di[j];
-      const int kk = ki[j];
-      r0[2 * j] = kk == 0 ? v : S(0);
-      r0[2 * j + 1] = kk == 1 ? v : S(0);
-      r1[2 * j] = kk == 2 ? v : S(0);
-      r1[2 * j + 1] = kk == 3 ? v : S(0);
-    }
-    if (W & 1) {
-      r0[W - 1] = S(0);
-      r1[W - 1] = S(0);
-    }
-  }
-  if (g.H & 1) std::fill(dh + (g.H - 1) * W, dh + g.HW, S(0));
-}
-
-// Pooled value of each 2x2 window of h and its position (first maximum on ties; NaN wins).
-template <typename S>
-inline void maxpool_slice(const S* __restrict h, S* __restrict o, uint8_t* __restrict k,
-                          const Geo& g) {
-  const int64_t W = g.W, Wo = g.Wo;
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    const S* __restrict r0 = h + 2 * i * W;
-    const S* __restrict r1 = r0 + W;
-    S* __restrict oi = o + i * Wo;
-    uint8_t* __restrict ki = k + i * Wo;
-    for (int64_t j = 0; j < Wo; ++j) {
-      const S v[4] = {r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]};
-      S m = v[0];
-      uint8_t kk = 0;
-      for (uint8_t q = 1; q < 4; ++q) {
-        const bool take = (v[q] > m) | ((v[q] != v[q]) & (m == m));
-        m = take ? v[q] : m;
-        kk = take ? q : kk;
-      }
-      oi[j] = m;
-      ki[j] = kk;
-    }
-  }
-}
-
-// The element of each window at the forward's position.
-template <typename S>
-inline void gather_slice(const S* __restrict r, const uint8_t* __restrict k, S* __restrict o,
-                         const Geo& g) {
-  const int64_t W = g.W, Wo = g.Wo;
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    const S* __restrict r0 = r + 2 * i * W;
-    const S* __restrict r1 = r0 + W;
-    S* __restrict oi = o + i * Wo;
-    const uint8_t* __restrict ki = k + i * Wo;
-    for (int64_t j = 0; j < Wo; ++j) {
-      const int kk = ki[j];
-      const S a = kk & 1 ? r0[2 * j + 1] : r0[2 * j];
-      const S b = kk & 1 ? r1[2 * j + 1] : r1[2 * j];
-      oi[j] = kk & 2 ? b : a;
-    }
-  }
-}
-
-// ---- row helpers: every scalar by value and every pointer restrict-qualified, so that the
-// compiler keeps the constants in registers and vectorizes. The activation multiplies by a
-// select of two constants (1 or slope), as the reference does: `a > 0 ? a : a * slope` does not
-// vectorize (GCC will not speculate the product under the default -ftrapping-math). ----
-
-// acc[l] += z[j] (lanes l = j mod kLanes within the full blocks, the tail from lane 0)
-template <typename S>
-inline void sum_row(const S* __restrict z, int64_t n, double* __restrict acc_io) {
-  double acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = acc_io[l];
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(z[j + l]);
-  for (int l = 0; j < n; ++j, ++l) acc[l] += static_cast<double>(z[j]);
-  for (int l = 0; l < kLanes; ++l) acc_io[l] = acc[l];
-}
-
-// acc[l] += (z[j] - m)^2 in double
-template <typename S>
-inline void sqdev_row(const S* __restrict z, int64_t n, double m, double* __restrict acc_io) {
-  double acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = acc_io[l];
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const double d = static_cast<double>(z[j + l]) - m;
-      acc[l] += d * d;
-    }
-  for (int l = 0; j < n; ++j, ++l) {
-    const double d = static_cast<double>(z[j]) - m;
-    acc[l] += d * d;
-  }
-  for (int l = 0; l < kLanes; ++l) acc_io[l] = acc[l];
-}
-
-// h = act(gamma * (z - mean) * rstd + beta)
-template <typename S>
-inline void fwd_row(const S* __restrict z, S* __restrict h, int64_t n, S mean, S rstd, S ga, S be,
-                    S slope) {
-  for (int64_t j = 0; j < n; ++j) {
-    const S xh = (z[j] - mean) * rstd;
-    const S a = ga * xh + be;
-    h[j] = a * (a > S(0) ? S(1) : slope);  // a select of constants: vectorizes
-  }
-}
-
-// da = d * act'(a)
-template <typename S>
-inline void da_row(const S* __restrict z, const S* __restrict d, S* __restrict da, int64_t n,
-                   S mean, S rstd, S ga, S be, S slope) {
-  for (int64_t j = 0; j < n; ++j) {
-    const S xh = (z[j] - mean) * rstd;
-    const S a = ga * xh + be;
-    da[j] = d[j] * (a > S(0) ? S(1) : slope);
-  }
-}
-
-// a1 += v, a2 += v * xh  (v = da or rz)
-template <typename S>
-inline void sum2_row(const S* __restrict z, const S* __restrict v, int64_t n, S mean, S rstd,
-                     double* __restrict a1_io, double* __restrict a2_io) {
-  double a1[kLanes], a2[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    a1[l] = a1_io[l];
-    a2[l] = a2_io[l];
-  }
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const double xh = static_cast<double>((z[j + l] - mean) * rstd);
-      const double d = static_cast<double>(v[j + l]);
-      a1[l] += d;
-      a2[l] += d * xh;
-    }
-  for (int l = 0; j < n; ++j, ++l) {
-    const double xh = static_cast<double>((z[j] - mean) * rstd);
-    const double d = static_cast<double>(v[j]);
-    a1[l] += d;
-    a2[l] += d * xh;
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    a1_io[l] = a1[l];
-    a2_io[l] = a2[l];
-  }
-}
-
-// dz = rstd (gamma da - k0 - xh k1)
-template <typename S>
-inline void dz_row(const S* __restrict z, const S* __restrict da, S* __restrict o, int64_t n,
-                   S mean, S rstd, S ga, S k0, S k1) {
-  for (int64_t j = 0; j < n; ++j) {
-    const S xh = (z[j] - mean) * rstd;
-    o[j] = rstd * (ga * da[j] - k0 - xh * k1);
-  }
-}
-
-// R-forward: rh = act'(a) (gamma rxh + ug xh + ub), rxh = (rz - rmean - xh q) rstd (rz = 0 if null)
-template <typename S, bool RZ>
-inline void rfwd_row(const S* __restrict z, const S* __restrict rz, S* __restrict rh, int64_t n,
-                     S mean, S rstd, S ga, S be, S rmean, S q, S ug, S ub, S slope) {
-  for (int64_t j = 0; j < n; ++j) {
-    const S xh = (z[j] - mean) * rstd;
-    const S a = ga * xh + be;
-    const S rzj = RZ ? rz[j] : S(0);
-    const S rxh = (rzj - rmean - xh * q) * rstd;
-    const S ra = ga * rxh + ug * xh + ub;
-    rh[j] = ra * (a > S(0) ? S(1) : slope);
-  }
-}
-
-// R-backward sums: a1 += da, a2 += da xh, a3 += rda, a4 += rda xh, a5 += da rxh
-template <typename S, bool RZ>
-inline void rbwd_sums_row(const S* __restrict z, const S* __restrict rz, const S* __restrict da,
-                          const S* __restrict rda, int64_t n, S mean, S rstd, S rmean, S q,
-                          double* __restrict acc_io /* [5][kLanes] */) {
-  double a[5][kLanes];
-  for (int k = 0; k < 5; ++k)
-    for (int l = 0; l < kLanes; ++l) a[k][l] = acc_io[k * kLanes + l];
-  auto body = [&](int64_t j, int l) {
-    const S xhs = (z[j] - mean) * rstd;
-    const S rzj = RZ ? rz[j] : S(0);
-    const S rxhs = (rzj - rmean - xhs * q) * rstd;
-    const double xh = static_cast<double>(xhs), rxh = static_cast<double>(rxhs);
-    const double d = static_cast<double>(da[j]), rd = static_cast<double>(rda[j]);
-    a[0][l] += d;
-    a[1][l] += d * xh;
-    a[2][l] += rd;
-    a[3][l] += rd * xh;
-    a[4][l] += d * rxh;
-  };
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) body(j + l, l);
-  for (int l = 0; j < n; ++j, ++l) body(j, l);
-  for (int k = 0; k < 5; ++k)
-    for (int l = 0; l < kLanes; ++l) acc_io[k * kLanes + l] = a[k][l];
-}
-
-// R-backward output: rdz = rstd (rdxh - k2 - rxh k1 - xh k3) - q rstd dz
-template <typename S, bool RZ>
-inline void rdz_row(const S* __restrict z, const S* __restrict rz, const S* __restrict da,
-                    const S* __restrict rda, S* __restrict o, int64_t n, S mean, S rstd, S rmean,
-                    S q, S ga, S ug, S k0, S k1, S k2, S k3, S qr) {
-  for (int64_t j = 0; j < n; ++j) {
-    const S xh = (z[j] - mean) * rstd;
-    const S rzj = RZ ? rz[j] : S(0);
-    const S rxh = (rzj - rmean - xh * q) * rstd;
-    const S dz = rstd * (ga * da[j] - k0 - xh * k1);
-    const S rdxh = ga * rda[j] + ug * da[j];
-    o[j] = rstd * (rdxh - k2 - rxh * k1 - xh * k3) - qr * dz;
-  }
-}
-
-// Per-(t, c) work items over [0, T*C); each runs fn(t, c, scratch).
-template <typename F>
-void for_each_channel(const Geo& g, int64_t scratch_bytes, F fn) {
-  const int64_t items = g.T * g.C;
-  // Grain: enough elements per range to amortize the parallel region; the decomposition into
-  // (t, c) items (what each result depends on) does not change with it.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.M));
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<unsigned char> scratch(static_cast<size_t>(scratch_bytes) + 64);
-    for (int64_t i = i0; i < i1; ++i) fn(i / g.C, i % g.C, scratch.data());
-  });
-}
+// The instruction set the BatchNorm kernels run with now: "avx512" or "base".
+std::string bn_kernels_isa() { return use_avx512() ? "avx512" : "base"; }
 
 // ----------------------------------------- forward -----------------------------------------
-
-template <typename S>
-void bn_forward_kernel(const Geo& g, const S* z, const S* gamma, const S* beta, double eps,
-                       S slope, S* out, S* mean_o, S* rstd_o, uint8_t* idx) {
-  for_each_channel(g, g.HW * sizeof(S), [=, &g](int64_t t, int64_t c, unsigned char* scr) {
-    S* h = reinterpret_cast<S*>(scr);
-    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
-    const bool pool = g.pool != 0;
-    double acc[kLanes] = {0};
-    for (int64_t n = 0; n < N; ++n) sum_row(z + g.in(t, n, c), HW, acc);
-    const double md = lanes_sum(acc) / static_cast<double>(g.M);
-    double acc2[kLanes] = {0};
-    for (int64_t n = 0; n < N; ++n) sqdev_row(z + g.in(t, n, c), HW, md, acc2);
-    const S var = static_cast<S>(lanes_sum(acc2) / static_cast<double>(g.M));
-    const S mean = static_cast<S>(md);
-    const S rstd = static_cast<S>(1.0 / std::sqrt(static_cast<double>(var + static_cast<S>(eps))));
-    mean_o[tc] = mean;
-    rstd_o[tc] = rstd;
-    const S ga = gamma[tc], be = beta[tc];
-    for (int64_t n = 0; n < N; ++n) {
-      if (pool) {
-        fwd_row(z + g.in(t, n, c), h, HW, mean, rstd, ga, be, slope);
-        maxpool_slice(h, out + g.out(t, n, c), idx + g.out(t, n, c), g);
-      } else {
-        fwd_row(z + g.in(t, n, c), out + g.out(t, n, c), HW, mean, rstd, ga, be, slope);
-      }
-    }
-  });
-}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_pool_forward_cpu(const Tensor& z_,
                                                                    const Tensor& gamma_,
@@ -515,59 +298,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_pool_forward_cpu(const Tensor&
   Tensor mean = at::empty({g.T, g.C}, z.options()), rstd = at::empty({g.T, g.C}, z.options());
   Tensor idx = at::empty(pool ? at::IntArrayRef(out_shape(g)) : at::IntArrayRef({0}),
                          z.options().dtype(at::kByte));
+  const bool avx512 = use_avx512();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastmaml_bn_act_pool_forward", [&] {
-    bn_forward_kernel<scalar_t>(g, z.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
-                                beta.const_data_ptr<scalar_t>(), eps, static_cast<scalar_t>(slope),
-                                out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
-                                rstd.mutable_data_ptr<scalar_t>(),
-                                pool ? idx.mutable_data_ptr<uint8_t>() : nullptr);
+    (avx512 ? isa_avx512::bn_forward_kernel<scalar_t> : isa_base::bn_forward_kernel<scalar_t>)(
+        g, z.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+        beta.const_data_ptr<scalar_t>(), eps, static_cast<scalar_t>(slope),
+        out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
+        rstd.mutable_data_ptr<scalar_t>(), pool ? idx.mutable_data_ptr<uint8_t>() : nullptr);
   });
   return {out, mean, rstd, idx};
 }
 
-// da for one slice (length HW): scatter the pooled gradient into `dh` first when pooling.
-template <typename S>
-inline void da_slice(const Geo& g, const S* zp, const S* dop, const uint8_t* kp, S mean, S rstd,
-                     S ga, S be, S slope, S* dh, S* da) {
-  const S* d = dop;
-  if (g.pool) {
-    scatter_slice(dop, kp, dh, g);
-    d = dh;
-  }
-  da_row(zp, d, da, g.HW, mean, rstd, ga, be, slope);
-}
-
 // ----------------------------------------- backward -----------------------------------------
-
-template <typename S>
-void bn_backward_kernel(const Geo& g, const S* dout, const S* z, const S* mean_, const S* rstd_,
-                        const S* gamma, const S* beta, const uint8_t* idx, S slope, S* dz,
-                        S* dgamma, S* dbeta) {
-  // scratch: dh (HW) then da for the whole item (M)
-  for_each_channel(g, (g.HW + g.M) * sizeof(S), [=, &g](int64_t t, int64_t c, unsigned char* scr) {
-    S* dh = reinterpret_cast<S*>(scr);
-    S* dabuf = dh + g.HW;
-    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
-    const S mean = mean_[tc], rstd = rstd_[tc], ga = gamma[tc], be = beta[tc];
-    double a1[kLanes] = {0}, a2[kLanes] = {0};
-    for (int64_t n = 0; n < N; ++n) {
-      const S* zp = z + g.in(t, n, c);
-      S* da = dabuf + n * HW;
-      da_slice<S>(g, zp, dout + g.out(t, n, c), g.pool ? idx + g.out(t, n, c) : nullptr, mean,
-                  rstd, ga, be, slope, dh, da);
-      sum2_row(zp, da, HW, mean, rstd, a1, a2);
-    }
-    const double sdb = lanes_sum(a1), sdg = lanes_sum(a2);
-    dgamma[tc] = static_cast<S>(sdg);
-    dbeta[tc] = static_cast<S>(sdb);
-    const double Minv = 1.0 / static_cast<double>(g.M);
-    // dz = rstd (gamma da - gamma dbeta / M - xh gamma dgamma / M)
-    const S k0 = static_cast<S>(static_cast<double>(ga) * sdb * Minv);
-    const S k1 = static_cast<S>(static_cast<double>(ga) * sdg * Minv);
-    for (int64_t n = 0; n < N; ++n)
-      dz_row(z + g.in(t, n, c), dabuf + n * HW, dz + g.in(t, n, c), HW, mean, rstd, ga, k0, k1);
-  });
-}
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_pool_backward_cpu(
     const Tensor& dout_, const Tensor& z_, const Tensor& mean_, const Tensor& rstd_,
@@ -581,8 +323,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_pool_backward_cpu(
   const Tensor idx = check_idx(op, idx_, g);
   Tensor dz = at::empty(z.sizes(), z.options());
   Tensor dgamma = at::empty({g.T, g.C}, z.options()), dbeta = at::empty({g.T, g.C}, z.options());
+  const bool avx512 = use_avx512();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastmaml_bn_act_pool_backward", [&] {
-    bn_backward_kernel<scalar_t>(
+    (avx512 ? isa_avx512::bn_backward_kernel<scalar_t> : isa_base::bn_backward_kernel<scalar_t>)(
         g, dout.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
         mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
         gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
@@ -594,37 +337,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_pool_backward_cpu(
 }
 
 // ----------------------------------------- R-forward -----------------------------------------
-
-template <typename S>
-void bn_rforward_kernel(const Geo& g, const S* rz, const S* z, const S* mean_, const S* rstd_,
-                        const S* gamma, const S* beta, const S* ugamma, const S* ubeta,
-                        const uint8_t* idx, S slope, S* rout, S* rmean_o, S* q_o) {
-  for_each_channel(g, g.HW * sizeof(S), [=, &g](int64_t t, int64_t c, unsigned char* scr) {
-    S* rh = reinterpret_cast<S*>(scr);
-    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
-    const S mean = mean_[tc], rstd = rstd_[tc], ga = gamma[tc], be = beta[tc];
-    // pass 1: rmean = mean rz, q = mean(xh rz)
-    double a1[kLanes] = {0}, a2[kLanes] = {0};
-    if (rz != nullptr)
-      for (int64_t n = 0; n < N; ++n) sum2_row(z + g.in(t, n, c), rz + g.in(t, n, c), HW, mean, rstd, a1, a2);
-    const double Minv = 1.0 / static_cast<double>(g.M);
-    const S rmean = static_cast<S>(lanes_sum(a1) * Minv);
-    const S q = static_cast<S>(lanes_sum(a2) * Minv);
-    rmean_o[tc] = rmean;
-    q_o[tc] = q;
-    const S ug = ugamma ? ugamma[tc] : S(0), ub = ubeta ? ubeta[tc] : S(0);
-    // pass 2: rxh = (rz - rmean - xh q) rstd, ra = gamma rxh + ug xh + ub, rh = act' ra, gather
-    for (int64_t n = 0; n < N; ++n) {
-      const S* zp = z + g.in(t, n, c);
-      S* dst = g.pool ? rh : rout + g.out(t, n, c);
-      if (rz != nullptr)
-        rfwd_row<S, true>(zp, rz + g.in(t, n, c), dst, HW, mean, rstd, ga, be, rmean, q, ug, ub, slope);
-      else
-        rfwd_row<S, false>(zp, nullptr, dst, HW, mean, rstd, ga, be, rmean, q, ug, ub, slope);
-      if (g.pool) gather_slice(rh, idx + g.out(t, n, c), rout + g.out(t, n, c), g);
-    }
-  });
-}
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_pool_rforward_cpu(
     const OptT& rz_, const Tensor& z_, const Tensor& mean_, const Tensor& rstd_,
@@ -641,8 +353,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_pool_rforward_cpu(
   const Tensor idx = check_idx(op, idx_, g);
   Tensor rout = at::empty(out_shape(g), z.options());
   Tensor rmean = at::empty({g.T, g.C}, z.options()), q = at::empty({g.T, g.C}, z.options());
+  const bool avx512 = use_avx512();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastmaml_bn_act_pool_rforward", [&] {
-    bn_rforward_kernel<scalar_t>(
+    (avx512 ? isa_avx512::bn_rforward_kernel<scalar_t> : isa_base::bn_rforward_kernel<scalar_t>)(
         g, rz.defined() ? rz.const_data_ptr<scalar_t>() : nullptr, z.const_data_ptr<scalar_t>(),
         mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
         gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
@@ -656,64 +369,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_pool_rforward_cpu(
 }
 
 // ----------------------------------------- R-backward -----------------------------------------
-
-template <typename S>
-void bn_rbackward_kernel(const Geo& g, const S* dout, const S* rdout, const S* z, const S* rz,
-                         const S* mean_, const S* rstd_, const S* rmean_, const S* q_,
-                         const S* gamma, const S* beta, const S* ugamma, const uint8_t* idx,
-                         S slope, S* rdz, S* rdgamma, S* rdbeta) {
-  // scratch: dh (HW), da (M), rda (M)
-  for_each_channel(g, (g.HW + 2 * g.M) * sizeof(S), [=, &g](int64_t t, int64_t c,
-                                                            unsigned char* scr) {
-    S* dh = reinterpret_cast<S*>(scr);
-    S* dabuf = dh + g.HW;
-    S* rdabuf = dabuf + g.M;
-    const int64_t tc = t * g.C + c, HW = g.HW, N = g.N;
-    const S mean = mean_[tc], rstd = rstd_[tc], ga = gamma[tc], be = beta[tc];
-    const S rmean = rmean_[tc], q = q_[tc];
-    const S ug = ugamma ? ugamma[tc] : S(0);
-    // pass 1: da, rda and the sums S1 = sum da, S2 = sum da xh, S3 = sum rda, S4 = sum rda xh,
-    // S5 = sum da rxh
-    double acc[5 * kLanes] = {0};
-    for (int64_t n = 0; n < N; ++n) {
-      const S* zp = z + g.in(t, n, c);
-      const uint8_t* kp = g.pool ? idx + g.out(t, n, c) : nullptr;
-      S* da = dabuf + n * HW;
-      S* rda = rdabuf + n * HW;
-      da_slice<S>(g, zp, dout + g.out(t, n, c), kp, mean, rstd, ga, be, slope, dh, da);
-      if (rdout != nullptr)
-        da_slice<S>(g, zp, rdout + g.out(t, n, c), kp, mean, rstd, ga, be, slope, dh, rda);
-      else
-        std::fill(rda, rda + HW, S(0));
-      if (rz != nullptr)
-        rbwd_sums_row<S, true>(zp, rz + g.in(t, n, c), da, rda, HW, mean, rstd, rmean, q, acc);
-      else
-        rbwd_sums_row<S, false>(zp, nullptr, da, rda, HW, mean, rstd, rmean, q, acc);
-    }
-    const double s1 = lanes_sum(acc), s2 = lanes_sum(acc + kLanes), s3 = lanes_sum(acc + 2 * kLanes),
-                 s4 = lanes_sum(acc + 3 * kLanes), s5 = lanes_sum(acc + 4 * kLanes);
-    rdgamma[tc] = static_cast<S>(s4 + s5);
-    rdbeta[tc] = static_cast<S>(s3);
-    const double Minv = 1.0 / static_cast<double>(g.M);
-    const double gad = static_cast<double>(ga), ugd = static_cast<double>(ug);
-    // dz = rstd (gamma da - k0 - xh k1); rdxh = gamma rda + ug da;
-    // rdz = -q rstd dz + rstd (rdxh - k2 - rxh k1 - xh k3)
-    const S k0 = static_cast<S>(gad * s1 * Minv);
-    const S k1 = static_cast<S>(gad * s2 * Minv);
-    const S k2 = static_cast<S>((gad * s3 + ugd * s1) * Minv);
-    const S k3 = static_cast<S>((gad * s4 + ugd * s2 + gad * s5) * Minv);
-    const S qr = q * rstd;
-    for (int64_t n = 0; n < N; ++n) {
-      const S* zp = z + g.in(t, n, c);
-      if (rz != nullptr)
-        rdz_row<S, true>(zp, rz + g.in(t, n, c), dabuf + n * HW, rdabuf + n * HW, rdz + g.in(t, n, c), HW,
-                         mean, rstd, rmean, q, ga, ug, k0, k1, k2, k3, qr);
-      else
-        rdz_row<S, false>(zp, nullptr, dabuf + n * HW, rdabuf + n * HW, rdz + g.in(t, n, c), HW, mean,
-                          rstd, rmean, q, ga, ug, k0, k1, k2, k3, qr);
-    }
-  });
-}
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_pool_rbackward_cpu(
     const Tensor& dout_, const OptT& rdout_, const Tensor& z_, const OptT& rz_,
@@ -733,8 +388,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_pool_rbackward_cpu(
   const Tensor idx = check_idx(op, idx_, g);
   Tensor rdz = at::empty(z.sizes(), z.options());
   Tensor rdgamma = at::empty({g.T, g.C}, z.options()), rdbeta = at::empty({g.T, g.C}, z.options());
+  const bool avx512 = use_avx512();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastmaml_bn_act_pool_rbackward", [&] {
-    bn_rbackward_kernel<scalar_t>(
+    (avx512 ? isa_avx512::bn_rbackward_kernel<scalar_t> : isa_base::bn_rbackward_kernel<scalar_t>)(
         g, dout.const_data_ptr<scalar_t>(),
         rdout.defined() ? rdout.const_data_ptr<scalar_t>() : nullptr, z.const_data_ptr<scalar_t>(),
         rz.defined() ? rz.const_data_ptr<scalar_t>() : nullptr, mean.const_data_ptr<scalar_t>(),
@@ -773,6 +429,7 @@ TORCH_LIBRARY_FRAGMENT(fastmaml, m) {
       "bn_act_pool_rbackward(Tensor dout, Tensor? rdout, Tensor z, Tensor? rz, Tensor mean, "
       "Tensor rstd, Tensor rmean, Tensor q, Tensor gamma, Tensor beta, Tensor? ugamma, "
       "Tensor? idx, float slope, int pool) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_kernels_isa() -> str", &fastmaml::layers::bn_kernels_isa);
 }
 
 TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {

@@ -7,7 +7,8 @@ about 1e-7; the kernels accumulate reductions in double, the reference in float3
 max-pool indices equal to the reference's on all but a vanishing fraction of windows (a near-tie
 can flip when the statistics differ in the last bit).
 Random non-uniform inputs, odd sizes and one realistic conv4 size; every option combination; the
-BatchNorm kernels bit-identical at 1 and 2 threads; torch.library.opcheck on each op.
+BatchNorm kernels bit-identical at 1 and 2 threads and between their two builds (baseline and
+AVX-512, FASTMAML_CPU_ISA=base), on sizes that leave vector tails; torch.library.opcheck on each op.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ BLOCK_CASES = [
     (2, 5, 3, 4, 4, 1.0, 0),     # BatchNorm alone
     (2, 3, 4, 3, 3, 0.0, 2),     # conv4's last block (3x3 -> 1x1)
     (4, 10, 64, 14, 14, 0.0, 2),  # realistic conv4 size
+    (2, 3, 3, 5, 37, 0.1, 2),    # rows of 18 windows: more than one 16-lane vector per row
 ]
 
 
@@ -246,6 +248,65 @@ def test_bn_act_pool_threads_bit_identical():
                 assert torch.equal(x, y)
     finally:
         torch.set_num_threads(old)
+
+
+# Shapes for the two builds of the BatchNorm kernels (baseline and AVX-512): odd sizes, slices
+# (H*W) and items (N*H*W) not multiples of the vector widths (16 floats, 8 doubles), rows of more
+# than one vector of windows, no pool, 1x1.
+ISA_CASES = [
+    # T, N, C, H, W, slope, pool
+    (2, 3, 5, 9, 11, 0.0, 2),
+    (2, 5, 3, 7, 7, 0.2, 2),
+    (2, 3, 3, 3, 3, 0.0, 2),
+    (2, 3, 2, 6, 37, 0.1, 2),
+    (2, 4, 3, 5, 34, 1.0, 2),
+    (2, 7, 3, 3, 5, 0.2, 0),
+    (3, 7, 6, 1, 1, 0.0, 0),
+    (2, 5, 4, 28, 28, 0.0, 2),
+]
+
+
+def _all_directions(z, rz, gamma, beta, ug, ub, dout, rdout, slope, pool):
+    """Every output of the four directions, with and without the optional directions."""
+    out, mean, rstd, idx = C.bn_act_pool_forward(z, gamma, beta, EPS, slope, pool)
+    res = [out, mean, rstd, idx]
+    res += C.bn_act_pool_backward(dout, z, mean, rstd, gamma, beta, idx, slope, pool)
+    for rz_, ug_, ub_, rd_ in ((rz, ug, ub, rdout), (None, ug, None, None), (rz, None, None, None),
+                               (None, None, ub, rdout)):
+        rout, rmean, q = C.bn_act_pool_rforward(rz_, z, mean, rstd, gamma, beta, ug_, ub_, idx, slope, pool)
+        res += [rout, rmean, q]
+        res += C.bn_act_pool_rbackward(dout, rd_, z, rz_, mean, rstd, rmean, q, gamma, beta, ug_, idx, slope, pool)
+    return [t for t in res if t is not None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("T,N,Cc,H,W,slope,pool", ISA_CASES)
+@pytest.mark.parametrize("ties", [False, True], ids=["randn", "ties"])
+def test_bn_act_pool_isa_builds_bit_identical(T, N, Cc, H, W, slope, pool, dtype, ties, monkeypatch):
+    # The AVX-512 build (vector tails by masks, max-pool in intrinsics, fused backward loops)
+    # against the baseline build: the same bits, every output; and both against the reference.
+    if torch.ops.fastmaml.bn_kernels_isa() != "avx512":
+        pytest.skip("this CPU runs the baseline build only (no AVX-512)")
+    z, rz, gamma, beta, ug, ub, dout, rdout = block_inputs(T, N, Cc, H, W, pool, dtype, 17 * H + W + Cc)
+    if ties:  # few distinct values: ties within pooling windows after the activation
+        z = torch.randint(-2, 3, z.shape, generator=torch.Generator().manual_seed(H * W)).to(dtype)
+    args = (z, rz, gamma, beta, ug, ub, dout, rdout, slope, pool)
+    fast = _all_directions(*args)
+    monkeypatch.setenv("FASTMAML_CPU_ISA", "base")
+    assert torch.ops.fastmaml.bn_kernels_isa() == "base"
+    base = _all_directions(*args)
+    monkeypatch.delenv("FASTMAML_CPU_ISA")
+    assert len(fast) == len(base)
+    for i, (a, b) in enumerate(zip(fast, base)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b), i
+    exp = R.bn_act_pool_forward(z, gamma, beta, EPS, slope, pool)
+    assert rel(fast[:3], exp[:3]) <= tol(dtype)
+    if pool == 2 and dtype == torch.float64:
+        assert torch.equal(fast[3], exp[3])
+    _, mean, rstd, idx = exp
+    assert rel(C.bn_act_pool_backward(dout, z, mean, rstd, gamma, beta, idx, slope, pool),
+               R.bn_act_pool_backward(dout, z, mean, rstd, gamma, beta, idx, slope, pool)) <= tol(dtype)
 
 
 def test_bad_arguments():
