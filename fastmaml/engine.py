@@ -178,6 +178,16 @@ class Engine:
         grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
         return grads[0], list(grads[1:])
 
+    @staticmethod
+    def _store_budget(state: FusedState, support_examples: int, query_examples: int) -> float:
+        """Bytes store mode may keep beyond the last step's state: STORE_FRACTION of the query pass's
+        activations, estimated from a support state's per example."""
+        return STORE_FRACTION * state.nbytes * query_examples / support_examples
+
+    def _iterate_bytes(self, T: int, like: Tensor) -> int:
+        """Bytes of one [T, P] iterate."""
+        return T * self.layout.numel * like.element_size()
+
     def forward_steps(self, theta_start: Tensor, k0: int, k1: int, x, y, loss_fn, lr, ops,
                       keep_states: Union[bool, str], support_losses: Optional[Tensor],
                       query_examples: int = 0, keep_grads: bool = True):
@@ -196,7 +206,7 @@ class Engine:
         # the iterates theta_{k0+1}..theta_{k1-1} are kept in store mode as well: they count against
         # the same budget, so that at large K (20 iterates of [T, P]) earlier states give way to them
         # and peak memory stays near K = 1's
-        iterate_bytes = x.shape[0] * self.layout.numel * theta_start.element_size()
+        iterate_bytes = self._iterate_bytes(x.shape[0], theta_start)
         for k in range(k0, k1):
             keep = keep_states == "last" and k == k1 - 1 or keep_states == "budget"
             with record_function("fastmaml.support_grad"), step_context.inner_step(k):
@@ -206,7 +216,7 @@ class Engine:
             if keep:
                 if keep_states == "budget" and k < k1 - 1:
                     if budget is None:
-                        budget = STORE_FRACTION * state.nbytes * query_examples / x.shape[1]
+                        budget = self._store_budget(state, x.shape[1], query_examples)
                         used = (k1 - k0 - 1) * iterate_bytes
                     used += state.nbytes + iterate_bytes  # the state and its support gradient g_k
                     if used <= budget:
@@ -238,7 +248,8 @@ class Engine:
         lr = self.inner_lr.lr.detach().to(dtype)
         support_losses = torch.full((K, T), float("nan"), dtype=dtype, device=device)
         fused = self.uses_fused(loss_fn)
-        c = K if memory == "store" else max(1, math.ceil(math.sqrt(K)))
+        spacing = max(1, math.ceil(math.sqrt(K)))  # recompute mode's checkpoint spacing
+        c = K if memory == "store" else spacing
         checkpoints: List[Tensor] = [theta0]
         stored_grads: List[Tensor] = []
         kept: Dict[int, object] = {}
@@ -270,10 +281,8 @@ class Engine:
             # (STORE_FRACTION of the query pass's activations, which set peak memory at K = 1).
             # Then keep every c-th iterate as a checkpoint, as recompute mode does, so that peak
             # memory stays flat in K; the support passes in between are recomputed in reverse.
-            budget = STORE_FRACTION * kept[K - 1].nbytes * query_examples / support_x.shape[1]
-            iterate_bytes = T * self.layout.numel * theta0.element_size()
-            spacing = max(1, math.ceil(math.sqrt(K)))
-            if (K - 1) * iterate_bytes > budget and spacing < K:
+            budget = self._store_budget(kept[K - 1], support_x.shape[1], query_examples)
+            if (K - 1) * self._iterate_bytes(T, theta0) > budget and spacing < K:
                 memory, c = "recompute", spacing
                 checkpoints, stored_grads = checkpoints[::c], []
                 kept = {K - 1: kept[K - 1]}

@@ -241,8 +241,8 @@ class FusedModel:
         gviews = self.layout.views(g)
         shared_grads: Dict[str, Tensor] = {}
 
-        def put(name: Optional[str], value: Optional[Tensor]) -> None:
-            self._put(name, value, gviews, shared_grads, shared)
+        def put(name: Optional[str], value: Optional[Tensor], row: Optional[int] = None) -> None:
+            self._put(name, value, gviews, shared_grads, shared, row)
 
         K = self.kernels
         for i in reversed(range(len(self.nodes))):
@@ -262,8 +262,8 @@ class FusedModel:
                 s["dout"] = dout
                 if self._wants(node.weight, shared):
                     row = self._row(node, step)
-                    self._put(node.weight, dgamma, gviews, shared_grads, shared, row)
-                    self._put(node.bias, dbeta, gviews, shared_grads, shared, row)
+                    put(node.weight, dgamma, row)
+                    put(node.bias, dbeta, row)
                 d = dz.view(s["shape"])
             elif isinstance(node, Act):
                 d = R.act_backward(d, s["x"], node.slope)
@@ -355,8 +355,8 @@ class FusedModel:
         hviews = self.layout.views(hv)
         shared_terms: Dict[str, Tensor] = {}
 
-        def put(name: Optional[str], value: Optional[Tensor]) -> None:
-            self._put(name, value, hviews, shared_terms, shared)
+        def put(name: Optional[str], value: Optional[Tensor], row: Optional[int] = None) -> None:
+            self._put(name, value, hviews, shared_terms, shared, row)
 
         for i in reversed(range(len(self.nodes))):
             node, s, need_dx = self.nodes[i], saved[i], self._need_dx[i]
@@ -400,8 +400,8 @@ class FusedModel:
                     s["dout"], rdout, s["z"], s["rz"], s["mean"], s["rstd"], rmean, q, s["gamma"], s["beta"], ug,
                     s["idx"], node.slope, node.pool)
                 if self._wants(node.weight, shared):
-                    self._put(node.weight, rdgamma, hviews, shared_terms, shared, row)
-                    self._put(node.bias, rdbeta, hviews, shared_terms, shared, row)
+                    put(node.weight, rdgamma, row)
+                    put(node.bias, rdbeta, row)
                 rd = rdz.view(s["shape"])
             elif isinstance(node, Act):
                 rd = None if rd is None else R.act_backward(rd, s["x"], node.slope)
