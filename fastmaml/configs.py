@@ -36,6 +36,7 @@ class Key:
     choices: Optional[Tuple[str, ...]] = None
     settable: bool = True                # False: fixed by the config (pick another config instead)
     resumable: bool = False              # True: may differ when resuming (does not change the run)
+    absent: Any = None                   # the value of a run saved before the key existed (None: none)
 
 
 KERNELS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -54,6 +55,9 @@ KEYS: Dict[str, Key] = {
                         "characters, no validation split: needs val_every=0)", choices=("vinyals", "maml")),
     "download": Key("download the data set when it is missing (where the data layer can)", resumable=True),
     "hidden": Key("conv filters per layer (conv4) / hidden widths (mlp, a comma-separated list)", min=1),
+    "init": Key("initialization of the fully connected models: torch (PyTorch's defaults) or paper (the MAML "
+                "code's: weights truncated N(0, 0.01^2), zero biases, BatchNorm without scale, eps 1e-3)",
+                choices=("torch", "paper"), absent="torch"),
     "max_pool": Key("conv4: 2x2 max-pooling after each block (paper text); false: stride-2 convolutions "
                     "and a global average pool (paper code)"),
     # MAML
@@ -174,7 +178,7 @@ def _build() -> Dict[str, Tuple[str, Config]]:
     # The paper's "MAML, no conv" row (section 5.2): hidden 256-128-64-64, each Linear + BN + ReLU.
     for shots in (1, 5):
         cfg = {k: v for k, v in _OMNIGLOT.items() if k != "max_pool"}
-        cfg.update(model="mlp_bn", hidden=[256, 128, 64, 64], shots=shots, queries=shots)
+        cfg.update(model="mlp_bn", hidden=[256, 128, 64, 64], init="torch", shots=shots, queries=shots)
         out[f"omniglot-mlp-5w{shots}s"] = (f"Omniglot 5-way {shots}-shot, no convolutions: MLP 256-128-64-64 "
                                            "with BatchNorm (paper section 5.2)", cfg)
     for name in list(out):
@@ -418,7 +422,8 @@ def differences(old: Config, new: Config, ignore: Iterable[str] = ()) -> List[Tu
     for k in keys:
         if k in skip:
             continue
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        legacy = KEYS[k].absent if k in KEYS and KEYS[k].absent is not None else "<absent>"
+        a, b = old.get(k, legacy), new.get(k, legacy)
         if a != b:
             out.append((k, a, b))
     return out

@@ -13,7 +13,8 @@
 
 BatchNorm has ``track_running_stats=False``: like the paper, it always normalizes with the statistics
 of the current batch (one task's support or query set), in training and at test time alike.
-Initialization is PyTorch's default for every layer (see docs/reproduction.md).
+Initialization is PyTorch's default for every layer unless ``init="paper"`` (mlp, mlp_bn): the MAML
+code's fully connected initialization, :func:`paper_fc_init_` (see docs/reproduction.md).
 
 ``per_step_bn=S`` (conv4, mlp_bn) puts :class:`PerStepBatchNorm` with S weight sets in place of each
 BatchNorm: MAML++'s per-step BatchNorm weights (BNWB, Antoniou et al. 2019), one scale/shift set per
@@ -31,7 +32,9 @@ from torch import Tensor, nn
 
 from .step_context import current_step, weight_set
 
-__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build"]
+__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build", "paper_fc_init_", "INITS"]
+
+INITS = ("torch", "paper")
 
 
 def _check_sets(steps, name: str) -> int:
@@ -130,6 +133,41 @@ def _batchnorm(channels: int, per_step_bn: Optional[int], dims: int) -> nn.Modul
     return PerStepBatchNorm(channels, per_step_bn, dims)
 
 
+def paper_fc_init_(model: nn.Module) -> nn.Module:
+    """The MAML code's initialization of its fully connected networks, in place (Finn's ``maml.py``,
+    ``construct_fc_weights`` and ``normalize``):
+
+    * every ``nn.Linear``: weight ~ N(0, 0.01^2) truncated at two standard deviations (values beyond
+      are redrawn, as ``tf.truncated_normal``), bias 0;
+    * every BatchNorm (``nn.BatchNorm1d/2d``, :class:`PerStepBatchNorm`) as
+      ``tf.contrib.layers.batch_norm`` builds it by default: no scale (weight fixed at 1 with
+      ``requires_grad=False``: neither adapted nor meta-learned), a learned shift starting at 0, eps 1e-3.
+
+    Why it matters with BatchNorm: a Linear layer followed by BatchNorm is invariant to the scale of its
+    weight, so the gradient step's relative size goes as 1 / |W|^2; weights 2-7x smaller than PyTorch's
+    default make the same inner learning rate 4-50x stronger on those layers. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-0.02, b=0.02)
+                if m.bias is not None:
+                    m.bias.zero_()
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, PerStepBatchNorm)):
+            m.eps = 1e-3
+            if m.weight is not None:
+                with torch.no_grad():
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+                m.weight.requires_grad_(False)
+    return model
+
+
+def _check_init(init, where: str) -> str:
+    if init not in INITS:
+        raise ValueError(f"{where}: init must be one of {INITS} (PyTorch's defaults, or the MAML code's), got {init!r}")
+    return init
+
+
 def _pooled_side(size: int, blocks: int, max_pool: bool) -> int:
     for _ in range(blocks):
         # max-pool 2x2, stride 2, no padding: floor(n / 2); conv 3x3, stride 2, padding 1: ceil(n / 2)
@@ -181,22 +219,28 @@ def conv4(ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = Tr
     return Conv4(ways, hidden, in_channels, max_pool, image_size, per_step_bn=per_step_bn)
 
 
-def mlp(hidden: Sequence[int] = (40, 40), in_features: int = 1, out_features: int = 1) -> nn.Sequential:
-    """The paper's sinusoid regressor: Linear layers of widths ``hidden`` with ReLU between them."""
+def mlp(hidden: Sequence[int] = (40, 40), in_features: int = 1, out_features: int = 1,
+        init: str = "torch") -> nn.Sequential:
+    """The paper's sinusoid regressor: Linear layers of widths ``hidden`` with ReLU between them.
+    ``init``: "torch" (PyTorch's defaults) or "paper" (:func:`paper_fc_init_`)."""
+    _check_init(init, "mlp")
     widths = [in_features, *hidden]
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(widths[-1], out_features))
-    return nn.Sequential(*layers)
+    net = nn.Sequential(*layers)
+    return paper_fc_init_(net) if init == "paper" else net
 
 
 def mlp_bn(ways: int, hidden: Sequence[int] = (256, 128, 64, 64), in_features: int = 28 * 28,
-           per_step_bn: Optional[int] = None) -> nn.Sequential:
+           per_step_bn: Optional[int] = None, init: str = "torch") -> nn.Sequential:
     """The MAML paper's non-convolutional Omniglot classifier (section 5.2): Flatten, then for each
     width in ``hidden`` Linear + BatchNorm1d (batch statistics, ``track_running_stats=False``) + ReLU,
     then ``Linear(hidden[-1], ways)``. ``per_step_bn``: None (BatchNorm1d) or S >= 1
-    (:class:`PerStepBatchNorm` with S weight sets, ``dims=1``)."""
+    (:class:`PerStepBatchNorm` with S weight sets, ``dims=1``). ``init``: "torch" (PyTorch's defaults)
+    or "paper" (:func:`paper_fc_init_`: the MAML code's truncated N(0, 0.01^2), BatchNorm without scale)."""
+    _check_init(init, "mlp_bn")
     if ways < 1 or in_features < 1 or not hidden or any(h < 1 for h in hidden):
         raise ValueError(f"mlp_bn: ways, in_features and every hidden width must be >= 1, got "
                          f"{ways}, {in_features}, {list(hidden)}")
@@ -207,20 +251,26 @@ def mlp_bn(ways: int, hidden: Sequence[int] = (256, 128, 64, 64), in_features: i
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), _batchnorm(b, per_step_bn, 1), nn.ReLU()]
     layers.append(nn.Linear(widths[-1], ways))
-    return nn.Sequential(*layers)
+    net = nn.Sequential(*layers)
+    return paper_fc_init_(net) if init == "paper" else net
 
 
 def build(config) -> nn.Module:
     """The network a config names (``model``, ``hidden``, ``ways``, ``image_size``, ``max_pool``,
     ``per_step_bn``: MAML++'s per-step BatchNorm weights with S = ``inner_steps`` sets)."""
     sets = config["inner_steps"] if config.get("per_step_bn", False) else None
+    init = config.get("init", "torch")  # runs saved before the key existed used PyTorch's defaults
     if config["model"] == "mlp":
         if sets is not None:
             raise ValueError("per_step_bn needs a model with BatchNorm (conv4, mlp_bn); mlp has none")
-        return mlp(tuple(config["hidden"]))
+        return mlp(tuple(config["hidden"]), init=init)
     if config["model"] == "mlp_bn":
         channels = 3 if config["dataset"] == "miniimagenet" else 1
-        return mlp_bn(config["ways"], tuple(config["hidden"]), channels * config["image_size"] ** 2, per_step_bn=sets)
+        return mlp_bn(config["ways"], tuple(config["hidden"]), channels * config["image_size"] ** 2, per_step_bn=sets,
+                      init=init)
+    if init != "torch":
+        raise ValueError(f"init={init!r} is implemented for the fully connected models (mlp, mlp_bn), not "
+                         f"{config['model']}")
     if config["model"] == "conv4":
         channels = 3 if config["dataset"] == "miniimagenet" else 1
         return conv4(config["ways"], config["hidden"], channels, config.get("max_pool", True), config["image_size"],

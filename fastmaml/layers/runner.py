@@ -260,10 +260,10 @@ class FusedModel:
                 dz, dgamma, dbeta = K.bn_act_pool_backward(dout, s["z"], s["mean"], s["rstd"], s["gamma"], s["beta"],
                                                            s["idx"], node.slope, node.pool)
                 s["dout"] = dout
-                if self._wants(node.weight, shared):
-                    row = self._row(node, step)
-                    put(node.weight, dgamma, row)
-                    put(node.bias, dbeta, row)
+                # scale and shift separately: a frozen scale (requires_grad=False) may sit beside a learned shift
+                row = self._row(node, step)
+                put(node.weight if self._wants(node.weight, shared) else None, dgamma, row)
+                put(node.bias if self._wants(node.bias, shared) else None, dbeta, row)
                 d = dz.view(s["shape"])
             elif isinstance(node, Act):
                 d = R.act_backward(d, s["x"], node.slope)
@@ -399,9 +399,8 @@ class FusedModel:
                 rdz, rdgamma, rdbeta = K.bn_act_pool_rbackward(
                     s["dout"], rdout, s["z"], s["rz"], s["mean"], s["rstd"], rmean, q, s["gamma"], s["beta"], ug,
                     s["idx"], node.slope, node.pool)
-                if self._wants(node.weight, shared):
-                    put(node.weight, rdgamma, row)
-                    put(node.bias, rdbeta, row)
+                put(node.weight if self._wants(node.weight, shared) else None, rdgamma, row)
+                put(node.bias if self._wants(node.bias, shared) else None, rdbeta, row)
                 rd = rdz.view(s["shape"])
             elif isinstance(node, Act):
                 rd = None if rd is None else R.act_backward(rd, s["x"], node.slope)
