@@ -178,7 +178,7 @@ def _build() -> Dict[str, Tuple[str, Config]]:
     # The paper's "MAML, no conv" row (section 5.2): hidden 256-128-64-64, each Linear + BN + ReLU.
     for shots in (1, 5):
         cfg = {k: v for k, v in _OMNIGLOT.items() if k != "max_pool"}
-        cfg.update(model="mlp_bn", hidden=[256, 128, 64, 64], init="torch", shots=shots, queries=shots)
+        cfg.update(model="mlp_bn", hidden=[256, 128, 64, 64], init="paper", shots=shots, queries=shots)
         out[f"omniglot-mlp-5w{shots}s"] = (f"Omniglot 5-way {shots}-shot, no convolutions: MLP 256-128-64-64 "
                                            "with BatchNorm (paper section 5.2)", cfg)
     for name in list(out):

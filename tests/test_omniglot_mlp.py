@@ -29,6 +29,10 @@ def test_configs_have_the_papers_hyperparameters(shots):
         "mlp_bn", [256, 128, 64, 64], 5, shots, shots, 0.4, 1, 32, 1e-3, 60000, 28)
     m = models.build(c)
     assert isinstance(m, nn.Sequential) and m[-1].out_features == 5
+    # the code's initialization (construct_fc_weights; tf.contrib.layers.batch_norm: no scale, eps 1e-3)
+    assert c["init"] == "paper"
+    assert all(x.weight.abs().max() <= 0.02 and not x.bias.any() for x in m if isinstance(x, nn.Linear))
+    assert all(x.eps == 1e-3 and not x.weight.requires_grad for x in m if isinstance(x, nn.BatchNorm1d))
 
 
 @pytest.mark.parametrize("steps", [1, 2])
