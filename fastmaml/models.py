@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import configs
 from .step_context import current_step, weight_set
 
 __all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build", "paper_fc_init_", "INITS"]
@@ -259,7 +260,7 @@ def build(config) -> nn.Module:
     """The network a config names (``model``, ``hidden``, ``ways``, ``image_size``, ``max_pool``,
     ``per_step_bn``: MAML++'s per-step BatchNorm weights with S = ``inner_steps`` sets)."""
     sets = config["inner_steps"] if config.get("per_step_bn", False) else None
-    init = config.get("init", "torch")  # runs saved before the key existed used PyTorch's defaults
+    init = config.get("init", configs.KEYS["init"].absent)  # a run saved before the key existed
     if config["model"] == "mlp":
         if sets is not None:
             raise ValueError("per_step_bn needs a model with BatchNorm (conv4, mlp_bn); mlp has none")

@@ -115,7 +115,8 @@ class FusedModel:
     def _put(self, name: Optional[str], value: Optional[Tensor], views: Dict[str, Tensor],
              shared_out: Dict[str, Tensor], shared: bool, row: Optional[int] = None) -> None:
         """Route a per-task parameter gradient [T, *shape]: an adapted parameter's into its view of
-        the [T, P] result, a shared trainable one's (when ``shared``) summed over tasks.
+        the [T, P] result, a shared trainable one's (when ``shared``) summed over tasks; any other
+        (frozen, or shared when not ``shared``) is dropped: the same rule as :meth:`_wants`.
 
         ``row`` (per-step BatchNorm): ``value`` [T, C] is the gradient of row ``row`` of an [S, C]
         parameter; the other rows' gradient is zero (written as such: the [T, P] result may be
@@ -260,10 +261,10 @@ class FusedModel:
                 dz, dgamma, dbeta = K.bn_act_pool_backward(dout, s["z"], s["mean"], s["rstd"], s["gamma"], s["beta"],
                                                            s["idx"], node.slope, node.pool)
                 s["dout"] = dout
-                # scale and shift separately: a frozen scale (requires_grad=False) may sit beside a learned shift
+                # put decides per parameter: a frozen scale (requires_grad=False) may sit beside a learned shift
                 row = self._row(node, step)
-                put(node.weight if self._wants(node.weight, shared) else None, dgamma, row)
-                put(node.bias if self._wants(node.bias, shared) else None, dbeta, row)
+                put(node.weight, dgamma, row)
+                put(node.bias, dbeta, row)
                 d = dz.view(s["shape"])
             elif isinstance(node, Act):
                 d = R.act_backward(d, s["x"], node.slope)
@@ -399,8 +400,8 @@ class FusedModel:
                 rdz, rdgamma, rdbeta = K.bn_act_pool_rbackward(
                     s["dout"], rdout, s["z"], s["rz"], s["mean"], s["rstd"], rmean, q, s["gamma"], s["beta"], ug,
                     s["idx"], node.slope, node.pool)
-                put(node.weight if self._wants(node.weight, shared) else None, rdgamma, row)
-                put(node.bias if self._wants(node.bias, shared) else None, rdbeta, row)
+                put(node.weight, rdgamma, row)
+                put(node.bias, rdbeta, row)
                 rd = rdz.view(s["shape"])
             elif isinstance(node, Act):
                 rd = None if rd is None else R.act_backward(rd, s["x"], node.slope)
