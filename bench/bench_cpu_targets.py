@@ -1,30 +1,37 @@
-"""Issue 10's CPU targets, measured side by side in one run: the fused engine against the generic
-engine (the path it replaces) and learn2learn, at 1 and 2 threads, with the whole step's GFLOP/s
-against a measured GEMM peak.
+"""The CPU speed targets (issues 10 and 20), measured side by side in one run: fastmaml's engine
+against learn2learn and torch.func (and any other bench_meta_step implementation), at each inner-step
+count K and thread count, with the whole step's GFLOP/s against a measured GEMM peak.
 
 For each workload (``omniglot-5w1s-train``: the omniglot-5w1s config's training batch, 5 support
-and 5 query images per task; ``omniglot-5w1s``: the standard workload, 15 queries per class) at
-T = 32, K = 1, second order, and each thread count, the implementations are run in INTERLEAVED
-rounds (round r runs every implementation once, in a rotated order, each in a fresh subprocess of
-bench/bench_meta_step.py's worker that reports the median of ``--steps-per-round`` timed steps), so
-that this shared machine's load drifts hit them alike; the reported time is the median over rounds.
-Every implementation's meta-gradient is checked against the reference computed in float64 (same
-seeds), with bench_meta_step's verdict (within max(1e-3, 3x the float32 reference's own error)).
+and 5 query images per task; ``omniglot-5w1s``: the standard workload, 15 queries per class;
+``omniglot-mlp-5w1s``: the paper's network without convolutions, its training batch) at T = 32,
+second order, every K of ``--steps`` and every thread count, the implementations are run in
+INTERLEAVED rounds (round r runs every implementation once, in a rotated order, each in a fresh
+subprocess of bench/bench_meta_step.py's worker that reports the median of ``--steps-per-round``
+timed steps), so that this shared machine's load drifts hit them alike; the reported time is the
+median over rounds. Every implementation's meta-gradient is checked against the reference computed
+in float64 (same seeds): within max(1e-3, 3x the float32 reference's own error). All implementations
+adapt every parameter (BatchNorm's too: ``adapt_bn=True`` for fastmaml, as learn2learn does).
 
 FLOPs: the fused path's convolutions and linear layers counted from the shapes of every layer-kernel
 call of one meta-step (multiply-add = 2 FLOPs; elementwise work not counted), divided by the fused
 step's time. Peak: the median GFLOP/s of a 1024 x 1024 x 1024 float32 ``torch.mm`` at the same
 thread count.
 
+``--pause PID`` stops that process (SIGSTOP) for the whole measurement and resumes it (SIGCONT) at
+the end, also on an error: a training run sharing the machine must not hold a core meanwhile.
+
 Run it in the benchmark venv (learn2learn): ``.venv-bench/bin/python bench/bench_cpu_targets.py``.
-Writes bench/results/cpu_targets_<cpu>.json and prints the table.
+Writes bench/results/<name>_<cpu>.json (default name ``cpu_targets``) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,13 +93,13 @@ def fused_flops(workload: str, T: int, K: int) -> int:
     mm = torch.bmm
     baddbmm = torch.baddbmm
 
-    def bmm(a, b):
+    def bmm(a, b, **kw):
         count[0] += 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-        return mm(a, b)
+        return mm(a, b, **kw)
 
-    def baddbmm_c(c, a, b):
+    def baddbmm_c(c, a, b, **kw):
         count[0] += 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-        return baddbmm(c, a, b)
+        return baddbmm(c, a, b, **kw)
 
     model, batch = build(workload, T, "cpu")
     learner = fastmaml.MAML(model, inner_lr=WORKLOADS[workload]["inner_lr"], inner_steps=K, adapt_bn=True,
@@ -111,85 +118,111 @@ def finish(rows: List[Dict[str, object]], peaks: Dict[int, float], args) -> str:
     """Ratios, scaling and the gradient verdict for the rows so far; prints the table and writes
     the JSON (after every workload and thread count, so that a run cut short keeps what it measured)."""
     for row in rows:
-        same = [x for x in rows if x["workload"] == row["workload"] and x["threads"] == row["threads"]]
-        for other in ("learn2learn", "engine-loop"):
+        same = [x for x in rows if x["workload"] == row["workload"] and x["threads"] == row["threads"]
+                and x["K"] == row["K"]]
+        for other in ("learn2learn", "torch_func", "engine-loop"):
             o = next((x for x in same if x["impl"] == other), None)
             if o is not None:
                 row[f"speedup_vs_{other}"] = round(o["ms"] / row["ms"], 3)
         one = next((x for x in rows if x["workload"] == row["workload"] and x["impl"] == row["impl"]
-                    and x["threads"] == 1), None)
+                    and x["threads"] == 1 and x["K"] == row["K"]), None)
         if one is not None and row["threads"] != 1:
             row["scaling_vs_1_thread"] = round(one["ms"] / row["ms"], 3)
         tol = max(1e-3, 3 * (row["ref32_rel_err"] or 0))
         row["same_gradient"] = row["grad_rel_err"] is not None and row["grad_rel_err"] <= tol
-    cols = ["workload", "threads", "impl", "ms", "speedup_vs_learn2learn", "speedup_vs_engine-loop",
+    cols = ["workload", "K", "threads", "impl", "ms", "speedup_vs_learn2learn", "speedup_vs_torch_func",
             "scaling_vs_1_thread", "gflops", "fraction_of_peak", "grad_rel_err", "same_gradient"]
     print(table(rows, cols))
     path = write_json(f"{args.name}_cpu", dict(machine=machine("cpu"), gemm_peak_gflops=peaks,
-                                               load_average_end=os.getloadavg(), rows=rows,
+                                               load_average_end=os.getloadavg(), paused_pid=args.pause,
+                                               rows=rows,
                                                method=__doc__.split("\n\n")[1]), args.out)
     return path
 
 
+@contextlib.contextmanager
+def paused(pid):
+    """SIGSTOP ``pid`` (when given) for the block, SIGCONT after it, also on an error."""
+    if pid:
+        os.kill(pid, signal.SIGSTOP)
+        print(f"paused process {pid} (SIGSTOP) for the measurement", flush=True)
+    try:
+        yield
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+            print(f"resumed process {pid} (SIGCONT)", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", nargs="+", default=["omniglot-5w1s-train", "omniglot-5w1s"])
-    ap.add_argument("--impls", default="engine,engine-loop,learn2learn")
+    ap.add_argument("--workloads", nargs="+", default=["omniglot-5w1s-train", "omniglot-5w1s", "omniglot-mlp-5w1s"])
+    ap.add_argument("--impls", default="engine,learn2learn,torch_func")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--tasks", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--steps", nargs="+", type=int, default=[1, 5], help="inner-step counts K")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default="cpu_targets")
+    ap.add_argument("--pause", type=int, default=0, metavar="PID",
+                    help="a process to SIGSTOP during the measurement (SIGCONT at the end)")
     args = ap.parse_args()
+    with paused(args.pause):
+        return run(args)
+
+
+def run(args) -> int:
     impls = [i for i in args.impls.split(",") if i]
     tmp = tempfile.mkdtemp(prefix="fm_cpu_targets_")
     rows: List[Dict[str, object]] = []
     peaks = {t: gemm_gflops(t) for t in args.threads}
     print("GEMM peak (1024^3 float32 mm):", {t: round(v, 1) for t, v in peaks.items()}, "GFLOP/s", flush=True)
     for workload in args.workloads:
-        flops = fused_flops(workload, args.tasks, args.steps)
-        base = dict(workload=workload, tasks=args.tasks, steps=args.steps, first_order=False, device="cpu")
-        oracle_path = os.path.join(tmp, f"{workload}_oracle.pt")
-        ref64 = worker(dict(base, impl="reference", dtype="float64", repeats=0, grad_path=oracle_path, key="oracle"))
-        if "error" in ref64:
-            print("oracle failed:", ref64["error"], file=sys.stderr)
-            return 1
-        oracle = torch.load(oracle_path)
-        ref32_path = os.path.join(tmp, f"{workload}_ref32.pt")
-        worker(dict(base, impl="reference", repeats=0, grad_path=ref32_path, key="ref32", threads=1))
-        ref_err = float((torch.load(ref32_path) - oracle).norm() / oracle.norm())
-        for threads in args.threads:
-            times: Dict[str, List[float]] = {i: [] for i in impls}
-            errs: Dict[str, float] = {}
-            for r in range(args.rounds):
-                order = impls[r % len(impls):] + impls[:r % len(impls)]
-                for impl in order:
-                    gpath = os.path.join(tmp, f"{workload}_{threads}_{impl}.pt")
-                    res = worker(dict(base, impl=impl, threads=threads, repeats=args.steps_per_round, warmup=1,
-                                      grad_path=gpath, key=impl))
-                    if "error" in res:
-                        print(f"{workload} t={threads} {impl}: {res['error']}", file=sys.stderr)
+        for K in args.steps:
+            flops = fused_flops(workload, args.tasks, K)
+            base = dict(workload=workload, tasks=args.tasks, steps=K, first_order=False, device="cpu")
+            oracle_path = os.path.join(tmp, f"{workload}_{K}_oracle.pt")
+            ref64 = worker(dict(base, impl="reference", dtype="float64", repeats=0, grad_path=oracle_path,
+                                key="oracle"))
+            if "error" in ref64:
+                print("oracle failed:", ref64["error"], file=sys.stderr)
+                return 1
+            oracle = torch.load(oracle_path)
+            ref32_path = os.path.join(tmp, f"{workload}_{K}_ref32.pt")
+            worker(dict(base, impl="reference", repeats=0, grad_path=ref32_path, key="ref32", threads=1))
+            ref_err = float((torch.load(ref32_path) - oracle).norm() / oracle.norm())
+            for threads in args.threads:
+                times: Dict[str, List[float]] = {i: [] for i in impls}
+                errs: Dict[str, float] = {}
+                for r in range(args.rounds):
+                    order = impls[r % len(impls):] + impls[:r % len(impls)]
+                    for impl in order:
+                        gpath = os.path.join(tmp, f"{workload}_{K}_{threads}_{impl}.pt")
+                        res = worker(dict(base, impl=impl, threads=threads, repeats=args.steps_per_round, warmup=1,
+                                          grad_path=gpath, key=impl))
+                        if "error" in res:
+                            print(f"{workload} K={K} t={threads} {impl}: {res['error']}", file=sys.stderr)
+                            continue
+                        times[impl].append(res["median_s"])
+                        if impl not in errs:
+                            errs[impl] = float((torch.load(gpath) - oracle).norm() / oracle.norm())
+                        print(f"{workload} K={K} threads={threads} round {r} {impl}: {res['median_s'] * 1e3:.0f} ms",
+                              flush=True)
+                for impl in impls:
+                    if not times[impl]:
                         continue
-                    times[impl].append(res["median_s"])
-                    if impl not in errs:
-                        errs[impl] = float((torch.load(gpath) - oracle).norm() / oracle.norm())
-                    print(f"{workload} threads={threads} round {r} {impl}: {res['median_s'] * 1e3:.0f} ms", flush=True)
-            for impl in impls:
-                if not times[impl]:
-                    continue
-                ms = statistics.median(times[impl]) * 1e3
-                row = dict(workload=workload, T=args.tasks, K=args.steps, threads=threads, impl=impl, ms=round(ms, 1),
-                           rounds=len(times[impl]), ms_all=[round(t * 1e3, 1) for t in times[impl]],
-                           grad_rel_err=errs.get(impl), ref32_rel_err=ref_err)
-                if impl == "engine":
-                    row["gflops"] = round(flops / (ms / 1e3) / 1e9, 2)
-                    row["gemm_peak_gflops"] = round(peaks[threads], 1)
-                    row["fraction_of_peak"] = round(row["gflops"] / peaks[threads], 3)
-                    row["flops_per_step"] = flops
-                rows.append(row)
-            finish(rows, peaks, args)
+                    ms = statistics.median(times[impl]) * 1e3
+                    row = dict(workload=workload, T=args.tasks, K=K, threads=threads, impl=impl, ms=round(ms, 1),
+                               rounds=len(times[impl]), ms_all=[round(t * 1e3, 1) for t in times[impl]],
+                               grad_rel_err=errs.get(impl), ref32_rel_err=ref_err)
+                    if impl == "engine":
+                        row["gflops"] = round(flops / (ms / 1e3) / 1e9, 2)
+                        row["gemm_peak_gflops"] = round(peaks[threads], 1)
+                        row["fraction_of_peak"] = round(row["gflops"] / peaks[threads], 3)
+                        row["flops_per_step"] = flops
+                    rows.append(row)
+                finish(rows, peaks, args)
     path = finish(rows, peaks, args)
     print("wrote", path)
     return 0

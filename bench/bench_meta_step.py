@@ -13,7 +13,9 @@ Every (workload, T, K, implementation) runs in a fresh subprocess, which
 Workloads (engine.md section 7): ``omniglot-5w1s`` is the paper's Omniglot network (4 x 3x3 conv 64,
 BatchNorm, ReLU, 2x2 max-pool) on 28x28 inputs, 5-way 1-shot, 15 queries per class;
 ``omniglot-5w1s-train`` the same with 1 query per class (what the ``omniglot-5w1s`` config trains on);
-``omniglot-20w5s`` the same 20-way 5-shot; ``sinusoid`` the 1-40-40-1 MLP, 10-shot, 10 queries.
+``omniglot-20w5s`` the same 20-way 5-shot; ``sinusoid`` the 1-40-40-1 MLP, 10-shot, 10 queries;
+``omniglot-mlp-5w1s`` the paper's network without convolutions (784-256-128-64-64, BatchNorm1d),
+5-way 1-shot, 1 query per class (its training batch).
 All parameters are adapted (BatchNorm's too, as the baselines do), plain SGD, second order unless
 ``--first-order``. Inputs are random (speed does not depend on pixel values).
 
@@ -53,6 +55,7 @@ WORKLOADS = {
     "omniglot-5w1s-train": dict(kind="conv", ways=5, shots=1, queries=1, inner_lr=0.4),
     "omniglot-20w5s": dict(kind="conv", ways=20, shots=5, queries=15, inner_lr=0.1),
     "sinusoid": dict(kind="mlp", shots=10, queries=10, inner_lr=0.01),
+    "omniglot-mlp-5w1s": dict(kind="mlp_bn", ways=5, shots=1, queries=1, inner_lr=0.4),
 }
 ENGINE_IMPLS = {
     # name: MAML keyword arguments
@@ -62,6 +65,7 @@ ENGINE_IMPLS = {
     "engine-loop": {"batching": "loop"},
     "engine-vmap": {"batching": "vmap"},
     "engine-recompute": {"memory": "recompute"},
+    "engine-budget0": {"store_budget": 0},  # store mode with nothing but the last step kept
     "engine-kernels-torch": {"kernels": "torch"},
     "engine-kernels-cpp": {"kernels": "cpp"},
     "engine-kernels-triton": {"kernels": "triton"},
@@ -75,13 +79,13 @@ BASELINE_IMPLS = ("torch_func", "torch_func_bnfix", "learn2learn", "higher", "to
 
 def build(workload: str, T: int, device: str, seed: int = 0):
     """(model, (support_x, support_y, query_x, query_y)) for a workload."""
-    from models import omniglot_conv4, sinusoid_mlp
+    from models import omniglot_conv4, omniglot_mlp_bn, sinusoid_mlp
 
     w = WORKLOADS[workload]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    if w["kind"] == "conv":
-        model = omniglot_conv4(w["ways"])
+    if w["kind"] in ("conv", "mlp_bn"):
+        model = omniglot_conv4(w["ways"]) if w["kind"] == "conv" else omniglot_mlp_bn(w["ways"])
         n_s, n_q = w["ways"] * w["shots"], w["ways"] * w["queries"]
         sx = torch.randn(T, n_s, 1, 28, 28, generator=g)
         qx = torch.randn(T, n_q, 1, 28, 28, generator=g)

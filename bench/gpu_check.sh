@@ -9,7 +9,7 @@
 #                  fused and generic paths against the reference on CUDA in float64, CUDA-graph tests
 #   layers_gpu_<gpu>.json           the Triton layer kernels against their torch reference
 #   meta_step_standard_<gpu>.json   the standard workload (Omniglot 5-way 1-shot, 15 queries, T=32,
-#                  K=1 and 5) and the omniglot-5w1s training workload (1 query per class): the fused
+#                  K=1 and 5) and the omniglot-5w1s training workload (1 query per class) and the paper's MLP without convolutions (omniglot-mlp-5w1s): the fused
 #                  engine, eager and in a CUDA graph, the generic (vmap) engine, the reference,
 #                  torch.func, and learn2learn / higher / TorchOpt from the wheels in carry/wheels
 #   meta_step_sweep_<gpu>.json      the sweep: T in 4 16 32 64, K in 1 5 10 20 (see step 6)
@@ -91,7 +91,7 @@ step "layer kernels" 45 python bench/bench_layers_gpu.py --repeats 5 --out "$OUT
 #    Every meta-gradient is checked against the reference computed in float64; TF32 is off.
 #    engine = the fused path (auto), engine-vmap = the generic path it replaces.
 step "standard workload" 200 python bench/bench_meta_step.py --device cuda --tasks 32 --steps 1 5 --repeats 5 --warmup 1 \
-  --group --workloads omniglot-5w1s omniglot-5w1s-train \
+  --group --workloads omniglot-5w1s omniglot-5w1s-train omniglot-mlp-5w1s \
   --impls reference,engine,engine-graph,engine-vmap,torch_func,learn2learn,higher,torchopt \
   --timeout 40 --budget 185 --name meta_step_standard --out "$OUT"
 

@@ -7,6 +7,10 @@
 
 ``sinusoid_mlp``    -- the 1-40-40-1 ReLU MLP of the MAML sinusoid regression task.
 
+``omniglot_mlp_bn`` -- the paper's Omniglot network without convolutions (section 5.2): the
+    flattened 28x28 image through 256-128-64-64 units, each Linear -> BatchNorm1d -> ReLU, then
+    Linear(64, ways).
+
 BatchNorm note: every BatchNorm2d is built with ``track_running_stats=False``.
 It therefore always normalises with the statistics of the batch it is given
 (per task, and separately for the support and the query forward passes), in
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["omniglot_conv4", "sinusoid_mlp"]
+__all__ = ["omniglot_conv4", "omniglot_mlp_bn", "sinusoid_mlp"]
 
 
 def _conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -62,3 +66,13 @@ if __name__ == "__main__":  # quick shape check
     m = omniglot_conv4(5)
     print(m(torch.randn(3, 1, 28, 28)).shape)
     print(sinusoid_mlp()(torch.randn(4, 1)).shape)
+
+
+def omniglot_mlp_bn(ways: int, hidden=(256, 128, 64, 64), in_features: int = 28 * 28) -> nn.Sequential:
+    """(B, 1, 28, 28) -> (B, ways) logits through Flatten and Linear/BatchNorm1d/ReLU blocks."""
+    layers = [nn.Flatten()]
+    widths = [in_features, *hidden]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], ways))
+    return nn.Sequential(*layers)

@@ -52,6 +52,7 @@ TRITON_TESTS = ["tests/test_triton_kernels.py", "tests/test_kernels_large.py",
 EVAL_TESTS = ["tests/test_evaluate_values.py", "tests/test_engine.py", "tests/test_cli.py"]
 CKPT_TESTS = ["tests/test_checkpoint.py", "tests/test_cli.py"]
 BN_TESTS = ["tests/test_bn_running.py"]
+FUSED_TESTS = ["tests/test_fused_engine.py"]
 
 
 @dataclass
@@ -86,19 +87,19 @@ MUTANTS: List[Mutant] = [
            "fast = self.adapt(support_x, support_y, None, loss_fn)",
            EVAL_TESTS, "MAML.evaluate(steps=10) adapts with inner_steps", issue15=True),
     Mutant("engine_first_order_multistep", "engine", "fastmaml/engine.py",
-           "                elif gq is not None:\n                    v = v + gq\n",
-           "                elif gq is not None:\n                    v = v + 0.8 * gq\n",
+           "                        if owned:\n                            v.add_(gq)\n",
+           "                        if owned:\n                            v.add_(gq, alpha=0.8)\n",
            ENGINE_TESTS, "first order + multi-step loss: intermediate query gradients scaled wrongly", issue15=True),
     # -- representative others --------------------------------------------------------------------
     Mutant("engine_hvp_rate_of_previous_step", "engine", "fastmaml/engine.py",
            "rate, seg = self._rate(k, lr, device)", "rate, seg = self._rate(max(k - 1, 0), lr, device)",
            ENGINE_TESTS, "second-order term of step k scaled by step k-1's rate (only per-step rates differ)"),
     Mutant("engine_shared_hvp_sign", "engine", "fastmaml/engine.py",
-           "                            acc.sub_(gp)", "                            acc.add_(gp)",
+           "acc.sub_(gp * rate if scalar else gp)", "acc.add_(gp * rate if scalar else gp)",
            ENGINE_TESTS, "non-adapted parameters (ANIL body, BN affine) get the second-order term with the wrong sign"),
     Mutant("engine_recompute_wrong_checkpoint", "engine", "fastmaml/engine.py",
-           "self.forward_steps(checkpoints[k0 // c], k0, k1,",
-           "self.forward_steps(checkpoints[max(k0 // c - 1, 0)], k0, k1,",
+           "self.forward_steps(loop.checkpoints[k0 // c], k0, end,",
+           "self.forward_steps(loop.checkpoints[max(k0 // c - 1, 0)], k0, end,",
            ENGINE_TESTS, "memory='recompute' replays a stretch from the wrong checkpoint"),
     Mutant("default_weights_shifted", "API", "fastmaml/maml.py",
            "return [0.0] * (steps - 1) + [1.0]", "return [1.0] + [0.0] * (steps - 1)",
@@ -107,9 +108,23 @@ MUTANTS: List[Mutant] = [
            "chosen = [n for n in names if adapt_bn or not _is_batchnorm_param(model, n)]",
            "chosen = [n for n in names if not _is_batchnorm_param(model, n)]",
            ENGINE_TESTS, "adapt_bn=True silently does not adapt BatchNorm's scale and shift"),
+    # -- issue 20: the store budget, recompute segments, the scalar-rate HVP, gradients into views --
+    Mutant("engine_scalar_rate_hvp_unscaled", "engine", "fastmaml/engine.py",
+           "v.addcmul_(hv, rate, value=-1.0)", "v.sub_(hv)",
+           FUSED_TESTS, "one scalar rate: the second-order term H (a v) computed as H v (the rate dropped)"),
+    Mutant("engine_store_budget_ignored", "engine", "fastmaml/engine.py",
+           "                    if used + cost <= budget:", "                    if True:",
+           FUSED_TESTS, "store mode keeps every state whatever the budget: memory grows with K"),
+    Mutant("engine_recompute_segment_drops_last", "engine", "fastmaml/engine.py",
+           "end = k1 - 1 if (k1 - 1) in kept else k1", "end = k1 - 1",
+           FUSED_TESTS, "recompute mode: the last step of each segment is rerun without its iterate"),
+    Mutant("fused_linear_wgrad_not_in_view", "fused path (layers)", "fastmaml/layers/reference.py",
+           "else torch.bmm(dy.transpose(1, 2), x, out=dw_out)", "else torch.bmm(dy.transpose(1, 2), x)",
+           FUSED_TESTS, "fused path: an adapted Linear weight's gradient never reaches the [T, P] buffer"),
     # -- the fused layer path (fastmaml/layers): R-operator rules always taken from the reference --
     Mutant("fused_linear_rbackward_drops_dy_rx", "fused path (layers)", "fastmaml/layers/reference.py",
-           "rdw = _add(rdw, torch.bmm(dy.transpose(1, 2), rx))", "rdw = _add(rdw, 0.5 * torch.bmm(dy.transpose(1, 2), rx))",
+           "rdw = torch.baddbmm(rdw, dy.transpose(1, 2), rx, out=rdw)",
+           "rdw = torch.baddbmm(rdw, dy.transpose(1, 2), rx, alpha=0.5, out=rdw)",
            ENGINE_TESTS + ["tests/test_layers.py"], "fused path: the HVP of a Linear layer halves its dy^T R{x} term"),
     Mutant("fused_cross_entropy_rbackward_sign", "fused path (layers)", "fastmaml/layers/reference.py",
            "return (pr - p * pr.sum(-1, keepdim=True)) * (scale / N)",

@@ -55,8 +55,9 @@ KEYS: Dict[str, Key] = {
                         "characters, no validation split: needs val_every=0)", choices=("vinyals", "maml")),
     "download": Key("download the data set when it is missing (where the data layer can)", resumable=True),
     "hidden": Key("conv filters per layer (conv4) / hidden widths (mlp, a comma-separated list)", min=1),
-    "init": Key("initialization of the fully connected models: torch (PyTorch's defaults) or paper (the MAML "
-                "code's: weights truncated N(0, 0.01^2), zero biases, BatchNorm without scale, eps 1e-3)",
+    "init": Key("initialization: torch (PyTorch's defaults) or paper (the MAML code's: fully connected weights "
+                "truncated N(0, 0.01^2); conv4: Xavier convolutions, an N(0, 1) head on Omniglot, Xavier on "
+                "mini-ImageNet; zero biases, BatchNorm without scale, eps 1e-3)",
                 choices=("torch", "paper"), absent="torch"),
     "max_pool": Key("conv4: 2x2 max-pooling after each block (paper text); false: stride-2 convolutions "
                     "and a global average pool (paper code)"),
@@ -143,7 +144,7 @@ _SINUSOID = dict(
 
 _OMNIGLOT = dict(
     _COMMON,
-    dataset="omniglot", model="conv4", hidden=64, max_pool=True,
+    dataset="omniglot", model="conv4", hidden=64, max_pool=True, init="torch",
     ways=5, shots=1, queries=1, eval_queries=15,
     image_size=28, rotations=True, split_scheme="vinyals", download=False,
     inner_lr=0.4, inner_steps=1,
@@ -153,7 +154,7 @@ _OMNIGLOT = dict(
 
 _MINIIMAGENET = dict(
     _COMMON,
-    dataset="miniimagenet", model="conv4", hidden=32, max_pool=True,
+    dataset="miniimagenet", model="conv4", hidden=32, max_pool=True, init="torch",
     ways=5, shots=1, queries=15, eval_queries=15,
     image_size=84,
     inner_lr=0.01, inner_steps=5,

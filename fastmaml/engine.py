@@ -1,4 +1,4 @@
-"""The task-batched meta-gradient engine (engine.md sections 2 and 3).
+"""The task-batched meta-gradient engine (docs/design.md, "The meta-gradient" and "Batching").
 
 All T tasks advance together: fast weights are one [T, P] buffer, the model runs on all tasks in one
 batched computation, and the inner updates and reverse steps are fused ops over [T, P]. The
@@ -19,7 +19,7 @@ Two paths run the model for all tasks (``Engine.path``):
 * ``fused``: models made of the layers in :mod:`fastmaml.layers.program` (Conv2d, BatchNorm,
   ReLU/LeakyReLU, MaxPool2d(2), global mean, Flatten, Linear; ``nn.Sequential`` and Conv4) with the
   built-in losses run on the project's task-batched layer kernels (:mod:`fastmaml.layers`): forward,
-  backward and the HVP by the R-operator (engine.md section 9), without autograd.
+  backward and the HVP by the R-operator (docs/design.md, "The R-operator"), without autograd.
 * ``generic``: any other model or a user ``loss_fn``: ``torch.func.vmap`` (or a loop over tasks) of
   the module, support gradients by autograd and the HVP by autograd's double backward.
 
@@ -30,13 +30,18 @@ step k - 1. The generic path reads it from the step context set here; the fused 
 argument (and keeps it in the HVP state). ``Engine.forward`` runs at the step it is given, or the
 enclosing context's.
 
-Memory: ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the last step's support
-activations and, on the fused path, earlier steps' support activations (with their gradients)
-while they and the iterates total at most ``STORE_FRACTION`` of the query pass's activations (so
-peak memory stays flat in K); other steps' support gradients are recomputed in the reverse pass.
-On the fused path, when the iterates alone exceed that budget (large K), only every
-ceil(sqrt(K))-th iterate is kept, as in ``recompute``. ``recompute`` keeps about sqrt(K)
-checkpoints and recomputes the iterates between two checkpoints during the reverse pass.
+Memory (docs/design.md, "Memory"): ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the
+last step's HVP state (its support activations) and earlier steps' states while the iterates and the
+states total at most the store budget (``Engine.store_budget`` bytes; default
+:func:`fastmaml.memory_budget.default_store_budget`, a fraction of the memory available at the call).
+A step whose state fits is never recomputed: the reverse pass then costs one R-forward and
+R-backward per step. Steps beyond the budget are recomputed once in the reverse pass; when the
+iterates alone exceed the budget (large K), only every ceil(sqrt(K))-th iterate is kept, as in
+``recompute``, and the reverse pass keeps a recomputed segment's states while the rest of the budget
+allows (each support pass then runs twice). ``recompute`` keeps about sqrt(K) checkpoints and the
+memory of one step: the reverse pass recomputes one segment of c = ceil(sqrt(K)) steps at a time from
+its checkpoint, and each step's state again for its HVP. ``Engine.memory_info`` says what the last
+call kept.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from torch.profiler import record_function
 from . import kernels
 from . import layers
 from . import step_context
+from .memory_budget import default_store_budget
 from .functional import LossFn, TaskBatchedModel, is_classification, task_accuracy, task_losses
 from .inner_lr import InnerLR
 from .layers.program import Unsupported, compile_model
@@ -60,9 +66,6 @@ from .layout import FlatLayout
 
 MEMORY_MODES = ("store", "recompute")
 BATCHING = ("auto", "fused", "vmap", "loop")
-# store mode, fused path: support activations of earlier steps are kept while they total at most
-# this fraction of the query pass's activations (estimated from the support pass's per example)
-STORE_FRACTION = 0.2
 
 
 @dataclass
@@ -89,6 +92,12 @@ class Engine:
         self.inner_lr = inner_lr
         self.kernel_backend = kernel_backend
         self._segments: Dict[torch.device, Tensor] = {}
+        # store mode: bytes the kept iterates and HVP states may take (None: default_store_budget at each call)
+        self.store_budget: Optional[int] = None
+        self.memory_info: Optional[Dict[str, object]] = None  # what the last inner_loop kept
+        # CPU scratch [T, P] buffers kept across meta-steps (name -> tensor): a fresh one is a fresh
+        # mmap whose every page faults on first write (docs/design.md, "Memory")
+        self._scratch: Dict[str, Tensor] = {}
         self.fused: Optional[FusedModel] = None
         self.fallback_reason = ""
         if batching in ("auto", "fused"):
@@ -153,14 +162,27 @@ class Engine:
         pred = self.batched.forward(flat, x)
         return task_losses(pred, y, loss_fn), pred
 
-    def support_grad(self, theta_k: Tensor, x: Tensor, y: Tensor, loss_fn, create_graph: bool):
+    def scratch(self, name: str, like: Tensor) -> Optional[Tensor]:
+        """A [T, P] scratch buffer shaped like ``like``, kept across calls, on the CPU (None on other
+        devices: their caching allocators already reuse memory). Its contents are never read before
+        they are written."""
+        if like.device.type != "cpu":
+            return None
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._scratch[name] = torch.empty(like.shape, dtype=like.dtype)
+        return buf
+
+    def support_grad(self, theta_k: Tensor, x: Tensor, y: Tensor, loss_fn, create_graph: bool,
+                     grad_out: Optional[Tensor] = None):
         """(g_k [T, P], L_S [T], state): the per-task support gradients at theta_k for all tasks;
         ``state`` (when ``create_graph``) is what ``hvp`` needs: the fused path's stored passes, or
         the generic path's graph (g with its graph, and the leaf theta_k it hangs from). Runs at
-        the enclosing step context's step (the callers here set it to k)."""
+        the enclosing step context's step (the callers here set it to k). ``grad_out``: a [T, P]
+        buffer the fused path writes g into."""
         if self.uses_fused(loss_fn):
             r = self._fused_for(x.device).grad(theta_k.detach(), x, y, keep=create_graph,
-                                               step=step_context.current_step())
+                                               step=step_context.current_step(), out=grad_out)
             return r.grad, r.losses, r.state
         T = x.shape[0]
         leaf = theta_k.detach().expand(T, -1).clone().requires_grad_(True) if theta_k.dim() == 1 \
@@ -169,20 +191,20 @@ class Engine:
         (g,) = torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph)
         return (g.detach() if not create_graph else g), losses, ((g, leaf) if create_graph else None)
 
-    def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str]):
-        """(H_S u [T, P], per shared parameter: sum_t d/dphi <g_t, u_t> or None)."""
+    def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str],
+            out: Optional[Tensor] = None):
+        """(H_S u [T, P], per shared parameter: sum_t d/dphi <g_t, u_t> or None); ``out``: a [T, P]
+        buffer the fused path writes H_S u into."""
         if isinstance(state, FusedState):
-            hv, terms = self.fused.hvp(state, u, shared=bool(shared_list))
+            hv, terms = self.fused.hvp(state, u, shared=bool(shared_list), out=out)
             return hv, [terms.get(n) for n in shared_names]
         g, leaf = state
         grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
         return grads[0], list(grads[1:])
 
-    @staticmethod
-    def _store_budget(state: FusedState, support_examples: int, query_examples: int) -> float:
-        """Bytes store mode may keep beyond the last step's state: STORE_FRACTION of the query pass's
-        activations, estimated from a support state's per example."""
-        return STORE_FRACTION * state.nbytes * query_examples / support_examples
+    def resolved_store_budget(self, device: torch.device) -> int:
+        """The store budget in bytes for a call on ``device``: ``store_budget``, else the default."""
+        return self.store_budget if self.store_budget is not None else default_store_budget(device)
 
     def _iterate_bytes(self, T: int, like: Tensor) -> int:
         """Bytes of one [T, P] iterate."""
@@ -190,41 +212,38 @@ class Engine:
 
     def forward_steps(self, theta_start: Tensor, k0: int, k1: int, x, y, loss_fn, lr, ops,
                       keep_states: Union[bool, str], support_losses: Optional[Tensor],
-                      query_examples: int = 0, keep_grads: bool = True):
+                      budget: float = 0.0, keep_grads: bool = True):
         """Run inner steps k0..k1-1 from theta_{k0}. Returns the iterates theta_{k0}..theta_{k1}, the
-        support gradients g_{k0}..g_{k1-1} (None for the steps whose gradient is neither asked for by
-        ``keep_grads`` nor part of a kept state: [T, P] each, which at small T outweighs the
-        activations), and ``kept``: step -> the HVP state of that step.
+        support gradients g_{k0}..g_{k1-1} (None where ``keep_grads`` is False: [T, P] each, needed
+        only by first order and learned rates), and ``kept``: step -> the HVP state of that step.
 
-        ``keep_states``: False (none), 'last' (step k1-1: its HVP needs no recomputation) or 'budget'
-        (fused path: the last step, and earlier ones while their activations and support gradients,
-        together with the iterates of these steps, total at most STORE_FRACTION of the query pass's
-        activations, estimated from ``query_examples``)."""
+        ``keep_states``: False (none), 'last' (step k1-1: its HVP needs no recomputation), 'budget'
+        (the last step, and earlier ones while their states, together with the iterates
+        theta_{k0+1}..theta_{k1-1} that store mode keeps anyway, total at most ``budget`` bytes) or
+        'fit' (any step while the states total at most ``budget``: the reverse pass's recomputation
+        of one segment)."""
         iterates, grads, kept = [theta_start], [], {}
         theta = theta_start
-        budget, used = None, 0
-        # the iterates theta_{k0+1}..theta_{k1-1} are kept in store mode as well: they count against
-        # the same budget, so that at large K (20 iterates of [T, P]) earlier states give way to them
-        # and peak memory stays near K = 1's
         iterate_bytes = self._iterate_bytes(x.shape[0], theta_start)
+        used = (k1 - k0 - 1) * iterate_bytes if keep_states == "budget" else 0
+        g_bytes = iterate_bytes if keep_grads else 0
+        T = x.shape[0]
         for k in range(k0, k1):
-            keep = keep_states == "last" and k == k1 - 1 or keep_states == "budget"
+            last = keep_states in ("last", "budget") and k == k1 - 1
+            keep = last or keep_states in ("budget", "fit") and budget > used
+            # g_k dies in the inner update unless kept: then one scratch buffer serves every step
+            out = None if keep_grads else self.scratch("g", theta.expand(T, -1) if theta.dim() == 1 else theta)
             with record_function("fastmaml.support_grad"), step_context.inner_step(k):
-                g, losses, state = self.support_grad(theta, x, y, loss_fn, create_graph=bool(keep))
+                g, losses, state = self.support_grad(theta, x, y, loss_fn, create_graph=keep, grad_out=out)
             if support_losses is not None:
                 support_losses[k] = losses.detach()
             if keep:
-                if keep_states == "budget" and k < k1 - 1:
-                    if budget is None:
-                        budget = self._store_budget(state, x.shape[1], query_examples)
-                        used = (k1 - k0 - 1) * iterate_bytes
-                    used += state.nbytes + iterate_bytes  # the state and its support gradient g_k
-                    if used <= budget:
-                        kept[k] = state
-                else:
+                cost = _state_bytes(state) + g_bytes
+                if last or used + cost <= budget:
                     kept[k] = state
+                    used += cost
             g = g.detach()
-            grads.append(g if keep_grads or k in kept else None)
+            grads.append(g if keep_grads else None)
             rate, seg = self._rate(k, lr, theta.device)
             theta = ops.inner_update(theta, g, rate, seg)
             iterates.append(theta)
@@ -232,13 +251,15 @@ class Engine:
 
     # -- the inner loop and its reverse pass ----------------------------------------------------
     def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-                   loss_fn: Optional[LossFn] = None, memory: str = "store", query_examples: int = 0,
-                   observe: Optional[Callable[[int, Tensor], None]] = None) -> "InnerLoop":
+                   loss_fn: Optional[LossFn] = None, memory: str = "store",
+                   observe: Optional[Callable[[int, Tensor], None]] = None,
+                   keep_grads: Optional[bool] = None) -> "InnerLoop":
         """The K inner steps for all tasks from the meta-parameters: theta_K [T, P] (detached) and
         what ``reverse`` needs (the iterates or their checkpoints, the support gradients, and the
-        stored HVP states). ``query_examples`` sizes the store budget (0: keep only the last state).
+        stored HVP states, within the store budget).
         ``observe(k, theta_k)``, if given, sees every iterate once, k = 0..K in order, during these
-        forward steps only (never the reverse pass's recomputations; ``fastmaml.bn_running``)."""
+        forward steps only (never the reverse pass's recomputations; ``fastmaml.bn_running``).
+        ``keep_grads``: keep g_0..g_{K-1} in ``stored_grads`` (default: when the rates are learned)."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         K, T = steps, support_x.shape[0]
@@ -247,8 +268,19 @@ class Engine:
         ops = kernels.ops_for(theta0, self.kernel_backend)
         lr = self.inner_lr.lr.detach().to(dtype)
         support_losses = torch.full((K, T), float("nan"), dtype=dtype, device=device)
+        # the reverse pass reads g_k only for learned rates (dJ/da_k = -<v, g_k>); a caller with a
+        # reverse pass of its own (ANIL) may ask for them
+        keep_grads = self.inner_lr.learnable if keep_grads is None else keep_grads
         fused = self.uses_fused(loss_fn)
         spacing = max(1, math.ceil(math.sqrt(K)))  # recompute mode's checkpoint spacing
+        iterate_bytes = self._iterate_bytes(T, theta0)
+        budget = self.resolved_store_budget(device) if memory == "store" else 0
+        fallback = (memory == "store" and fused and not first_order and spacing < K
+                    and (K - 1) * iterate_bytes > budget)
+        if fallback:
+            # The iterates alone outgrow the budget (large K): keep every c-th one as a checkpoint,
+            # as recompute mode does, so that memory stays flat in K.
+            memory = "recompute"
         c = K if memory == "store" else spacing
         checkpoints: List[Tensor] = [theta0]
         stored_grads: List[Tensor] = []
@@ -257,11 +289,11 @@ class Engine:
         for k0 in range(0, K, c):
             k1 = min(K, k0 + c)
             last = not first_order and k1 == K
+            # the generic path keeps only the last step's autograd graph: its size is not known
             policy = ("budget" if fused and memory == "store" else "last") if last else False
             its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
                                                     keep_states=policy, support_losses=support_losses,
-                                                    query_examples=query_examples,
-                                                    keep_grads=first_order)
+                                                    budget=budget, keep_grads=keep_grads)
             kept.update(kept_here)
             if observe is not None:
                 for j, it in enumerate(its[:-1]):
@@ -270,31 +302,38 @@ class Engine:
                 checkpoints, stored_grads = its[:-1], gs
             elif k1 < K:
                 checkpoints.append(its[-1])
+            else:
+                stored_grads = gs[-1:]  # g_{K-1}: the reverse pass does not rerun the kept last step
             theta = its[-1]
         if theta.dim() == 1:
             theta = theta.expand(T, -1)
         if observe is not None:
             observe(K, theta)
-        if memory == "store" and not first_order and (K - 1) in kept and query_examples > 0 \
-                and isinstance(kept[K - 1], FusedState):
-            # The K iterates are [T, P] each: at large K they alone outgrow the store budget
-            # (STORE_FRACTION of the query pass's activations, which set peak memory at K = 1).
-            # Then keep every c-th iterate as a checkpoint, as recompute mode does, so that peak
-            # memory stays flat in K; the support passes in between are recomputed in reverse.
-            budget = self._store_budget(kept[K - 1], support_x.shape[1], query_examples)
-            if (K - 1) * self._iterate_bytes(T, theta0) > budget and spacing < K:
-                memory, c = "recompute", spacing
-                checkpoints, stored_grads = checkpoints[::c], []
-                kept = {K - 1: kept[K - 1]}
+        state_bytes = sum(_state_bytes(st) for st in kept.values())
+        # what the reverse pass may keep of a recomputed segment's states: the budget's rest after the
+        # checkpoints and the kept states when store mode fell back to checkpoints; none in recompute
+        # mode (its memory stays that of one step)
+        segment_budget = max(0, budget - len(checkpoints) * iterate_bytes - state_bytes) if fallback else 0
+        self.memory_info = {
+            "mode": memory,
+            "steps": K,
+            "budget_bytes": int(budget) if memory == "store" else None,
+            "iterates_kept": len(checkpoints),
+            "iterate_bytes": len(checkpoints) * iterate_bytes,
+            "states_kept": sorted(kept),
+            "state_bytes": state_bytes,
+            "recomputed_steps": [] if first_order else [k for k in range(K) if k not in kept],
+        }
         return InnerLoop(K, first_order, memory, loss_fn, support_x, support_y, lr, ops, c, checkpoints,
-                         stored_grads, kept, theta, support_losses)
+                         stored_grads, kept, theta, support_losses, segment_budget)
 
     def reverse(self, loop: "InnerLoop", v: Tensor,
-                query_step: Optional[Callable[[Tensor, int], Optional[Tensor]]] = None):
+                query_step: Optional[Callable[[Tensor, int], Optional[Tensor]]] = None, v_owned: bool = False):
         """The meta-gradient of an outer objective J whose gradient at theta_K is ``v`` [T, P]
-        (engine.md section 2): (dJ/dtheta [P], the shared parameters' terms {name: tensor}, dJ/dlr or
-        None). ``query_step(theta_k, k)`` may add the gradient of J's terms at theta_k (the
-        multi-step loss) for 1 <= k < K. ``loop`` is consumed (its stored states are released)."""
+        (docs/design.md, "The meta-gradient"): (dJ/dtheta [P], the shared parameters' terms
+        {name: tensor}, dJ/dlr or None). ``query_step(theta_k, k)`` may add the gradient of J's terms at theta_k (the
+        multi-step loss) for 1 <= k < K. ``loop`` is consumed (its stored states are released).
+        ``v_owned``: v may be updated in place (else it is copied before its first update)."""
         K, c, ops, lr = loop.steps, loop.c, loop.ops, loop.lr
         sx, sy, loss_fn = loop.support_x, loop.support_y, loop.loss_fn
         device = v.device
@@ -304,40 +343,70 @@ class Engine:
         learn_lr = self.inner_lr.learnable
         lr_grad = torch.zeros_like(lr) if learn_lr else None
         kept = loop.kept
+        owned = v_owned  # is v a tensor of this pass (may be updated in place)?
+        hv_buf: Optional[Tensor] = None  # the fused HVP's output, reused across steps
         for k0 in reversed(range(0, K, c)):
             k1 = min(K, k0 + c)
             if loop.memory == "store":
                 its, gs = loop.checkpoints, loop.stored_grads
             else:
-                its, gs, _ = self.forward_steps(loop.checkpoints[k0 // c], k0, k1, sx, sy, loss_fn,
-                                                lr, ops, keep_states=False, support_losses=None)
+                # recompute this segment from its checkpoint, keeping its states (second order) while
+                # they fit the segment budget, for the HVPs below; a step whose state is kept already
+                # (K - 1) is not rerun
+                end = k1 - 1 if (k1 - 1) in kept else k1
+                its, gs, states = self.forward_steps(loop.checkpoints[k0 // c], k0, end, sx, sy, loss_fn,
+                                                     lr, ops, keep_states=False if loop.first_order else "fit",
+                                                     support_losses=None, budget=loop.segment_budget,
+                                                     keep_grads=learn_lr)
+                kept.update(states)
+                if end < k1:
+                    gs = gs + loop.stored_grads
             for k in reversed(range(k0, k1)):
                 theta_k = its[k - k0]
                 rate, seg = self._rate(k, lr, device)
                 hv = g = None
+                if learn_lr:
+                    g = gs[k - k0]
                 if not loop.first_order:
                     state = kept.pop(k, None)
-                    g = gs[k - k0]
                     if state is None:
                         with record_function("fastmaml.support_grad"), step_context.inner_step(k):
-                            g, _, state = self.support_grad(theta_k, sx, sy, loss_fn, create_graph=True)
-                    u = ops.scale(v, rate, seg)
+                            g_k, _, state = self.support_grad(theta_k, sx, sy, loss_fn, create_graph=True)
+                        g = g_k.detach() if learn_lr else None
+                    # H (a v) = a (H v) for one scalar rate a: the HVP runs on v itself and a is
+                    # applied where H v is added to v (no [T, P] pass for a v); other rates scale v
+                    scalar = seg is None and rate.dim() == 0 and not learn_lr
+                    u = v if scalar else ops.scale(v, rate, seg)
+                    if hv_buf is None and isinstance(state, FusedState):
+                        hv_buf = self.scratch("hv", v)
+                        hv_buf = torch.empty_like(v) if hv_buf is None else hv_buf
                     with record_function("fastmaml.hvp"):
-                        hv, terms = self.hvp(state, u, shared_list, shared_names)
+                        hv, terms = self.hvp(state, u, shared_list, shared_names,
+                                             out=hv_buf if isinstance(state, FusedState) else None)
                     del state
                     for acc, gp in zip(shared_grads, terms):
                         if gp is not None:
-                            acc.sub_(gp)
-                    g = g.detach()
-                elif learn_lr:
-                    g = gs[k - k0]
+                            acc.sub_(gp * rate if scalar else gp)
                 gq = query_step(theta_k, k) if (query_step is not None and k >= 1) else None
-                if g is not None:
+                if learn_lr:
                     v, d_rate = ops.reverse_step(v, hv, g, gq, 1.0, rate, seg)
-                    if learn_lr:
-                        self.inner_lr.accumulate(lr_grad, k, d_rate)
-                elif gq is not None:
-                    v = v + gq
+                    owned = True
+                    self.inner_lr.accumulate(lr_grad, k, d_rate)
+                else:
+                    # v - hv + gq, rounded as reverse_step rounds it (w = 1); g only feeds dJ/da_k.
+                    # In place once v is this pass's own tensor (the caller's v is never written).
+                    if hv is not None:
+                        if not owned:
+                            v, owned = v.clone(), True
+                        if scalar:
+                            v.addcmul_(hv, rate, value=-1.0)  # v - a (H v), one pass, no host sync
+                        else:
+                            v.sub_(hv)
+                    if gq is not None:
+                        if owned:
+                            v.add_(gq)
+                        else:
+                            v, owned = v + gq, True
         theta_grad = v.sum(0) if v.dim() == 2 else v
         return theta_grad, dict(zip(shared_names, shared_grads)), lr_grad
 
@@ -356,7 +425,7 @@ class Engine:
         observe: Optional[Callable[[int, Tensor], None]] = None,
     ) -> EngineResult:
         K, T = steps, support_x.shape[0]
-        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, query_x.shape[1], observe)
+        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, observe)
         dtype, device = loop.theta_K.dtype, loop.theta_K.device
         query_all = torch.full((K + 1, T), float("nan"), dtype=dtype, device=device)
         shared = self.shared_params()
@@ -398,7 +467,7 @@ class Engine:
             objective_terms.append(weights[k - 1] * query_all[k])
             return gq
 
-        theta_grad, shared_grads, lr_grad = self.reverse(loop, v, query_step)
+        theta_grad, shared_grads, lr_grad = self.reverse(loop, v, query_step, v_owned=True)
         for name, gp in query_shared.items():
             shared_grads[name].add_(gp)
         objective = torch.stack(objective_terms).sum(0).mean()
@@ -423,7 +492,7 @@ class Engine:
         losses = torch.full((steps, support_x.shape[0]), float("nan"), dtype=theta0.dtype, device=theta0.device)
         with torch.enable_grad():
             its, _, _ = self.forward_steps(theta0, 0, steps, support_x, support_y, loss_fn, lr, ops,
-                                           keep_states=False, support_losses=losses)
+                                           keep_states=False, support_losses=losses, keep_grads=False)
         if observe is not None:
             for k, it in enumerate(its):
                 observe(k, it)
@@ -447,7 +516,18 @@ class InnerLoop:
     ops: object
     c: int                      # checkpoint spacing (K in store mode)
     checkpoints: List[Tensor]   # store: theta_0..theta_{K-1}; recompute: every c-th iterate
-    stored_grads: List[Optional[Tensor]]  # store: g_0..g_{K-1} (first order; else those of kept states)
+    stored_grads: List[Optional[Tensor]]  # g_0..g_{K-1} (store) or [g_{K-1}] (recompute); None entries
+                                          # unless first order or learned rates need them
     kept: Dict[int, object]     # step -> HVP state kept from the forward
     theta_K: Tensor             # [T, P], detached
     support_losses: Tensor      # [K, T]
+    segment_budget: float = 0.0  # bytes of states the reverse pass may keep per recomputed segment
+
+
+def _state_bytes(state) -> int:
+    """Bytes an HVP state holds beyond its iterate: the fused path's saved activations; the generic
+    path's autograd graph is not measured (its support gradient [T, P] stands for it)."""
+    if isinstance(state, FusedState):
+        return state.nbytes
+    g, _ = state
+    return g.numel() * g.element_size()

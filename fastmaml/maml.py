@@ -18,6 +18,7 @@ from .functional import LossFn, TaskBatchedModel, batch_statistics, is_classific
 from .functional_api import GeneralEngine, adapt_with_graph, as_inputs, is_general, num_tasks, resolve_loss
 from .inner_lr import InnerLR
 from .layout import AdaptSpec, FlatLayout, check_unshared, select_adapted
+from .memory_budget import default_memory_budget
 from .reference import maml as reference
 from .step_context import inner_step, query_step
 
@@ -87,7 +88,17 @@ class MAML(nn.Module):
             BatchNorm / InstanceNorm (``nn.modules.batchnorm._NormBase``) and ``PerStepBatchNorm``;
             an explicit ``adapt`` overrides it.
         multi_step_weights: w_1..w_K of the multi-step loss (MAML++); default: only w_K = 1.
-        memory: 'store' (keep the K iterates) or 'recompute' (keep about sqrt(K) checkpoints).
+        memory: 'store' (keep the K iterates, and the inner steps' HVP states within
+            ``store_budget``) or 'recompute' (keep about sqrt(K) checkpoints and rerun the inner steps
+            once in the reverse pass).
+        store_budget: store mode's budget in bytes for the iterates and HVP states it keeps for the
+            reverse pass (an int, or a string such as ``"2GiB"``): a step whose state fits is not
+            recomputed, so the reverse pass costs one Hessian-vector product per step; beyond it, steps
+            are recomputed, and when the K iterates alone do not fit, every ceil(sqrt(K))-th is kept
+            as a checkpoint (memory stays bounded whatever K is). Default (None): 25% of the memory
+            available at each call (``MemAvailable`` on the CPU, free memory on CUDA). The fused path
+            spends it; the generic path keeps the last step's graph only. ``memory_info`` says what
+            the last meta-step kept.
         backend: 'engine' (task-batched) or 'reference' (the per-task oracle).
         kernels: the fused-op backend for the engine ('auto', 'torch', 'cpp', 'cuda', 'triton');
             None follows ``fastmaml.kernels.set_backend``.
@@ -176,6 +187,7 @@ class MAML(nn.Module):
         task_chunk: Union[None, int, str] = None,
         memory_budget: Union[None, int, str] = None,
         bn_stats: str = "batch",
+        store_budget: Union[None, int, str] = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -227,6 +239,7 @@ class MAML(nn.Module):
         first = next(p for n, p in model.named_parameters() if n == self.layout.names[0])
         self.inner_lr = InnerLR(inner_lr, inner_steps, self.layout, lr_mode, learn_lr, first.dtype, first.device)
         self.engine = Engine(model, self.layout, self.inner_lr, kernels, batching)
+        self.store_budget = store_budget
         self.bn_stats = bn_running.check_bn_stats(bn_stats)
         if self.bn_stats == "running":
             bn_running.check_running(model)
@@ -251,6 +264,28 @@ class MAML(nn.Module):
             return "reference (per-task loop over autograd)"
         return self._engine().path()
 
+    @property
+    def store_budget(self) -> Optional[int]:
+        """Store mode's budget in bytes (None: the default, 25% of the memory available at each call)."""
+        return self.engine.store_budget
+
+    @store_budget.setter
+    def store_budget(self, value: Union[None, int, str]) -> None:
+        budget = None if value is None else parse_bytes(value, "store_budget", least=0)
+        for eng in (self.engine, self.__dict__.get("_bn_eval_engine")):
+            if eng is not None:
+                eng.store_budget = budget
+
+    @property
+    def memory_info(self) -> Optional[Dict[str, object]]:
+        """What the last meta-step's inner loop kept for its reverse pass (None before the first):
+        ``mode`` ('store', or 'recompute' where store mode's iterates outgrew the budget),
+        ``budget_bytes`` (store mode), ``iterates_kept`` and ``iterate_bytes``, ``states_kept`` (the
+        steps whose HVP state was kept) and ``state_bytes``, ``recomputed_steps`` (the steps whose
+        support pass the reverse pass reruns). With ``task_chunk``, the last chunk's."""
+        info = self._engine().memory_info
+        return None if info is None else dict(info)
+
     # -- BatchNorm running statistics (bn_stats="running") ----------------------------------------
     def _eval_batchnorms(self) -> List[str]:
         """bn_stats='running': the BatchNorm modules in evaluation mode (they normalize with running
@@ -270,6 +305,7 @@ class MAML(nn.Module):
             b = self.engine.batched.batching
             eng = Engine(self.model, self.layout, self.inner_lr, self.engine.kernel_backend,
                          b if b in ("vmap", "loop") else "loop")
+            eng.store_budget = self.engine.store_budget
             eng.batched = TaskBatchedModel(self.model, self.layout, b)
             eng.batched.bn_keep_eval = True
             eng.fused = None
@@ -579,8 +615,8 @@ class MAML(nn.Module):
         ``create_graph=True``: the fast weights stay connected to the meta-parameters (the adapted
         ones, learnable inner rates, and the parameters the inner loop does not adapt): build any outer
         objective from ``learner(fast, query_x)`` and call ``backward()`` once; its backward is the
-        engine's reverse pass (second order unless ``first_order``), so memory does not grow with the
-        steps. ``create_graph=False`` (default): detached fast weights, as before.
+        engine's reverse pass (second order unless ``first_order``), so memory is bounded by the store
+        budget, not by the steps. ``create_graph=False`` (default): detached fast weights, as before.
 
         General losses (see :mod:`fastmaml.functional_api`): ``support_x`` may be a tuple of tensors
         [T, N, ...] (a model with several inputs), ``support_y`` any pytree of [T, ...] tensors (targets
@@ -788,8 +824,8 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
-def parse_bytes(value, name: str = "memory_budget") -> int:
-    """Bytes from an int or a string like ``"8GiB"``, ``"512 MB"``, ``"1.5e9"``; > 0."""
+def parse_bytes(value, name: str = "memory_budget", least: int = 1) -> int:
+    """Bytes from an int or a string like ``"8GiB"``, ``"512 MB"``, ``"1.5e9"``; >= ``least``."""
     if _is_int(value):
         n = int(value)
     elif isinstance(value, str):
@@ -802,8 +838,8 @@ def parse_bytes(value, name: str = "memory_budget") -> int:
         n = int(float(m.group(1)) * _UNITS[unit])
     else:
         raise TypeError(f"{name} must be an int (bytes) or a string such as '8GiB', got {type(value).__name__}")
-    if n <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+    if n < least:
+        raise ValueError(f"{name} must be {'positive' if least == 1 else f'>= {least}'}, got {value!r}")
     return n
 
 
@@ -840,23 +876,6 @@ def _combine(results: List, weights: List[float]):
                 acc = acc + w * v
             out[f.name] = acc
     return type(first)(**out)
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """80% of the free CUDA memory (free on the device plus what torch's caching allocator holds
-    unused); 50% of MemAvailable on the CPU (Linux), else 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(0.8 * (free + cached))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(0.5 * int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    return 4 * 2**30
 
 
 def _rss_peak_reset() -> Optional[int]:

@@ -13,8 +13,9 @@
 
 BatchNorm has ``track_running_stats=False``: like the paper, it always normalizes with the statistics
 of the current batch (one task's support or query set), in training and at test time alike.
-Initialization is PyTorch's default for every layer unless ``init="paper"`` (mlp, mlp_bn): the MAML
-code's fully connected initialization, :func:`paper_fc_init_` (see docs/reproduction.md).
+Initialization is PyTorch's default for every layer unless ``init="paper"``: the MAML code's
+initialization, :func:`paper_fc_init_` (mlp, mlp_bn) or :func:`paper_conv_init_` (conv4); see
+docs/reproduction.md.
 
 ``per_step_bn=S`` (conv4, mlp_bn) puts :class:`PerStepBatchNorm` with S weight sets in place of each
 BatchNorm: MAML++'s per-step BatchNorm weights (BNWB, Antoniou et al. 2019), one scale/shift set per
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 from . import configs
 from .step_context import current_step, weight_set
 
-__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build", "paper_fc_init_", "INITS"]
+__all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build", "paper_fc_init_", "paper_conv_init_",
+           "INITS"]
 
 INITS = ("torch", "paper")
 
@@ -153,14 +155,49 @@ def paper_fc_init_(model: nn.Module) -> nn.Module:
                 nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-0.02, b=0.02)
                 if m.bias is not None:
                     m.bias.zero_()
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, PerStepBatchNorm)):
+    _paper_batchnorm_(model)
+    return model
+
+
+def paper_conv_init_(model: nn.Module, head: str = "normal") -> nn.Module:
+    """The MAML code's initialization of its convolutional networks, in place (Finn's ``maml.py``,
+    ``construct_conv_weights`` and ``utils.normalize``):
+
+    * every ``nn.Conv2d``: Xavier/Glorot uniform (``xavier_initializer_conv2d``: fan_in = C_in * k * k,
+      fan_out = C_out * k * k, which is what ``nn.init.xavier_uniform_`` computes for [C_out, C_in, k, k]),
+      bias 0;
+    * every ``nn.Linear`` (the head): ``head="normal"``: weight ~ N(0, 1) (``tf.random_normal``, not
+      truncated: the code's Omniglot head), ``head="xavier"``: Glorot uniform (its mini-ImageNet head);
+      bias 0;
+    * every BatchNorm as in :func:`paper_fc_init_`: no scale (weight fixed at 1, ``requires_grad=False``),
+      a learned shift starting at 0, eps 1e-3.
+
+    Returns ``model``."""
+    if head not in ("normal", "xavier"):
+        raise ValueError(f"paper_conv_init_: head must be 'normal' (Omniglot) or 'xavier' (mini-ImageNet), got {head!r}")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            with torch.no_grad():
+                if isinstance(m, nn.Linear) and head == "normal":
+                    m.weight.normal_(0.0, 1.0)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+    _paper_batchnorm_(model)
+    return model
+
+
+def _paper_batchnorm_(model: nn.Module) -> None:
+    """``tf.contrib.layers.batch_norm``'s defaults: no scale (weight 1, frozen), shift 0, eps 1e-3."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, PerStepBatchNorm)):
             m.eps = 1e-3
             if m.weight is not None:
                 with torch.no_grad():
                     m.weight.fill_(1.0)
                     m.bias.zero_()
                 m.weight.requires_grad_(False)
-    return model
 
 
 def _check_init(init, where: str) -> str:
@@ -213,11 +250,15 @@ class Conv4(nn.Module):
 
 
 def conv4(ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = True, image_size: int = 28,
-          per_step_bn: Optional[int] = None) -> Conv4:
+          per_step_bn: Optional[int] = None, init: str = "torch", head_init: str = "normal") -> Conv4:
     """The paper's 4-block conv net (see the module docstring). ``image_size``: the input side
     (28 for Omniglot, 84 for mini-ImageNet), which fixes the width of the linear head.
-    ``per_step_bn``: None (BatchNorm2d) or S >= 1 (:class:`PerStepBatchNorm` with S weight sets)."""
-    return Conv4(ways, hidden, in_channels, max_pool, image_size, per_step_bn=per_step_bn)
+    ``per_step_bn``: None (BatchNorm2d) or S >= 1 (:class:`PerStepBatchNorm` with S weight sets).
+    ``init``: "torch" (PyTorch's defaults) or "paper" (:func:`paper_conv_init_` with ``head_init``:
+    "normal", the code's Omniglot head, or "xavier", its mini-ImageNet head)."""
+    _check_init(init, "conv4")
+    net = Conv4(ways, hidden, in_channels, max_pool, image_size, per_step_bn=per_step_bn)
+    return paper_conv_init_(net, head_init) if init == "paper" else net
 
 
 def mlp(hidden: Sequence[int] = (40, 40), in_features: int = 1, out_features: int = 1,
@@ -269,13 +310,12 @@ def build(config) -> nn.Module:
         channels = 3 if config["dataset"] == "miniimagenet" else 1
         return mlp_bn(config["ways"], tuple(config["hidden"]), channels * config["image_size"] ** 2, per_step_bn=sets,
                       init=init)
-    if init != "torch":
-        raise ValueError(f"init={init!r} is implemented for the fully connected models (mlp, mlp_bn), not "
-                         f"{config['model']}")
     if config["model"] == "conv4":
         channels = 3 if config["dataset"] == "miniimagenet" else 1
+        # the MAML code's head: N(0, 1) for Omniglot, Xavier for mini-ImageNet (construct_conv_weights)
+        head = "xavier" if config["dataset"] == "miniimagenet" else "normal"
         return conv4(config["ways"], config["hidden"], channels, config.get("max_pool", True), config["image_size"],
-                     per_step_bn=sets)
+                     per_step_bn=sets, init=init, head_init=head)
     raise ValueError(f"unknown model {config['model']!r}")
 
 

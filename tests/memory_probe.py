@@ -1,6 +1,6 @@
 """Peak memory of one meta-step, for a fresh process: prints JSON {"baseline": .., "peak": ..} in bytes.
 
-usage: python memory_probe.py BACKEND K [MEMORY]
+usage: python memory_probe.py BACKEND K [MEMORY [STORE_BUDGET]]
 
 The model is the paper's Omniglot network (4 x conv 64, BatchNorm, ReLU, max-pool; 28x28 inputs),
 5-way 1-shot with 5 queries per class, 2 tasks, float32, second order. ``baseline`` is the peak
@@ -32,6 +32,7 @@ def conv4(ways=5, hidden=64):
 def main() -> None:
     backend, K = sys.argv[1], int(sys.argv[2])
     memory = sys.argv[3] if len(sys.argv) > 3 else "store"
+    store_budget = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
     torch.manual_seed(0)
     T, ways, shots, queries = 2, 5, 1, 5
@@ -39,7 +40,8 @@ def main() -> None:
     qx = torch.randn(T, ways * queries, 1, 28, 28)
     sy = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous()
     qy = torch.arange(ways).repeat_interleave(queries).expand(T, -1).contiguous()
-    learner = fastmaml.MAML(conv4(), inner_lr=0.4, inner_steps=K, backend=backend, memory=memory)
+    learner = fastmaml.MAML(conv4(), inner_lr=0.4, inner_steps=K, backend=backend, memory=memory,
+                            store_budget=store_budget)
     learner._output_shape(sx)  # the one-task probe forward happens before the baseline
     baseline = peak_rss()
     learner.meta_step(sx, sy, qx, qy)

@@ -144,38 +144,76 @@ def test_multi_step_loss_and_memory_modes(memory, first_order):
           memory=memory, first_order=first_order, learn_lr=True, lr_mode="per_layer_per_step", seed=7)
 
 
-def test_store_mode_keeps_earlier_steps_when_the_query_set_is_large():
-    """Support 1 example per class, query 12: the store budget keeps several steps' activations,
-    so the reverse pass uses stored states for them (and recomputes the rest); exact either way."""
-    model = randomize(conv_bn_pool().to(DT), 5)
-    batch = cls_batch(T=2, shots=1, queries=12, seed=8)
-    check(model, batch, inner_steps=5, memory="store")
-    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=5, batching="fused")
-    kept_steps = []
-    real = learner.engine.forward_steps
+def _count_support_passes(learner):
+    """Wrap the engine's support_grad; returns the list that records each call's step-less count."""
+    calls = []
+    real = learner.engine.support_grad
 
     def spy(*a, **k):
-        its, gs, kept = real(*a, **k)
-        kept_steps.extend(kept)
-        return its, gs, kept
+        calls.append(k.get("create_graph"))
+        return real(*a, **k)
 
-    learner.engine.forward_steps = spy
+    learner.engine.support_grad = spy
+    return calls
+
+
+@pytest.mark.parametrize("learn_lr,multi_step", [(False, False), (True, False), (True, True)])
+def test_store_mode_keeps_every_state_that_fits_and_recomputes_nothing(learn_lr, multi_step):
+    """With the default budget (a fraction of the available memory) these small states all fit: the
+    reverse pass reruns no support pass (K passes in all), and the meta-gradient is exact."""
+    K = 4
+    model = randomize(conv_bn_pool().to(DT), 5)
+    batch = cls_batch(T=2, shots=1, queries=4, seed=8)
+    weights = [0.3, 0.0, 0.2, 1.0] if multi_step else None
+    kw = dict(inner_steps=K, memory="store", learn_lr=learn_lr, multi_step_weights=weights)
+    if learn_lr:
+        kw["lr_mode"] = "per_step"
+    check(model, batch, seed=12, **kw)
+    learner = fastmaml.MAML(copy.deepcopy(model), batching="fused", **kw)
+    assert learner.memory_info is None
+    calls = _count_support_passes(learner)
     learner.meta_step(*batch)
-    assert 4 in kept_steps and 1 < len(kept_steps) < 5, kept_steps
+    info = learner.memory_info
+    assert len(calls) == K, calls
+    assert info["mode"] == "store" and info["states_kept"] == list(range(K)) and info["recomputed_steps"] == []
+    assert info["budget_bytes"] > info["state_bytes"] > 0 and info["iterates_kept"] == K
+
+
+def test_store_budget_keeps_what_fits_and_recomputes_the_rest():
+    """A budget with room for the iterates and two earlier states: the last step's state (always
+    kept) and steps 0 and 1 are kept, steps 2 and 3 are recomputed once each; exact either way."""
+    K = 5
+    model = randomize(conv_bn_pool().to(DT), 5)
+    batch = cls_batch(T=2, shots=1, queries=4, seed=8)
+    probe = fastmaml.MAML(copy.deepcopy(model), inner_steps=K, batching="fused")
+    probe.meta_step(*batch)
+    per_state = probe.memory_info["state_bytes"] // K
+    iterates = probe.memory_info["iterate_bytes"] - probe.memory_info["iterate_bytes"] // K  # theta_1..theta_{K-1}
+    budget = iterates + 2 * per_state + per_state // 2
+    check(model, batch, inner_steps=K, memory="store", store_budget=budget)
+    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=K, batching="fused", store_budget=budget)
+    assert learner.store_budget == budget
+    calls = _count_support_passes(learner)
+    learner.meta_step(*batch)
+    info = learner.memory_info
+    assert info["states_kept"] == [0, 1, K - 1] and info["recomputed_steps"] == [2, 3], info
+    assert len(calls) == K + 2 and info["budget_bytes"] == budget
+    learner.store_budget = "1GiB"
+    assert learner.store_budget == 2**30
+    with pytest.raises(ValueError, match="store_budget"):
+        fastmaml.MAML(copy.deepcopy(model), store_budget="lots")
 
 
 @pytest.mark.parametrize("K,multi_step", [(3, False), (5, False), (5, True)])
-def test_store_mode_checkpoints_the_iterates_when_they_outgrow_the_budget(monkeypatch, K, multi_step):
+def test_store_mode_checkpoints_the_iterates_when_they_outgrow_the_budget(K, multi_step):
     """At large K the iterates alone exceed the store budget: store mode keeps every ceil(sqrt(K))-th
     as a checkpoint (recompute's reverse pass) and stays exact. A budget of 0 forces that here."""
-    import fastmaml.engine as engine_mod
-    monkeypatch.setattr(engine_mod, "STORE_FRACTION", 0.0)
     model = randomize(conv_bn_pool().to(DT), 9)
     batch = cls_batch(T=3, shots=1, queries=6, seed=10)
     weights = [0.2] * (K - 1) + [1.0] if multi_step else None
     check(model, batch, inner_steps=K, memory="store", multi_step_weights=weights, learn_lr=True,
-          lr_mode="per_step", seed=11)
-    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=K, batching="fused")
+          lr_mode="per_step", seed=11, store_budget=0)
+    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=K, batching="fused", store_budget=0)
     seen = []
     real = learner.engine.reverse
 
@@ -187,6 +225,45 @@ def test_store_mode_checkpoints_the_iterates_when_they_outgrow_the_budget(monkey
     learner.meta_step(*batch)
     spacing = math.ceil(math.sqrt(K))
     assert seen == [("recompute", spacing, math.ceil(K / spacing), [K - 1])]
+    assert learner.memory_info["mode"] == "recompute"
+
+
+@pytest.mark.parametrize("K", [2, 4, 7])
+@pytest.mark.parametrize("learn_lr", [False, True])
+def test_recompute_mode_keeps_the_memory_of_one_step(K, learn_lr):
+    """recompute mode: the reverse pass reruns each segment from its checkpoint for the iterates and
+    each step's support pass again for its HVP, keeping one state at a time: 3K - 2 support passes
+    (the last step's state is kept from the forward)."""
+    model = randomize(conv_bn_pool().to(DT), 9)
+    batch = cls_batch(T=2, shots=1, queries=3, seed=13)
+    kw = dict(inner_steps=K, memory="recompute", learn_lr=learn_lr)
+    if learn_lr:
+        kw["lr_mode"] = "per_step"
+    check(model, batch, seed=14, **kw)
+    learner = fastmaml.MAML(copy.deepcopy(model), batching="fused", **kw)
+    calls = _count_support_passes(learner)
+    learner.meta_step(*batch)
+    assert len(calls) == 3 * K - 2, calls
+    assert learner.memory_info["recomputed_steps"] == list(range(K - 1))
+    assert learner.memory_info["budget_bytes"] is None
+
+
+@pytest.mark.parametrize("budget,passes", [(70_000, 2 * 9 - 1), (0, 3 * 9 - 2)])
+def test_store_fallback_keeps_segment_states_within_the_budget(budget, passes):
+    """Store mode whose K = 9 iterates (10 KB each here) outgrow the budget keeps every 3rd as a
+    checkpoint; the reverse pass keeps a recomputed segment's states (7 KB each) in the rest of the
+    budget, so each support pass runs twice (17 in all), or, with no budget left, three times (25)."""
+    K = 9
+    model = randomize(mlp_bn().to(DT), 15)
+    batch = cls_batch(T=2, shots=1, queries=4, seed=16)
+    check(model, batch, inner_steps=K, store_budget=budget)
+    learner = fastmaml.MAML(copy.deepcopy(model), inner_steps=K, batching="fused", store_budget=budget)
+    calls = _count_support_passes(learner)
+    learner.meta_step(*batch)
+    info = learner.memory_info
+    assert info["mode"] == "recompute" and info["iterates_kept"] == 3 and info["states_kept"] == [K - 1], info
+    assert (K - 1) * (info["iterate_bytes"] // 3) > budget  # why it fell back to checkpoints
+    assert len(calls) == passes, (len(calls), passes)
 
 
 @pytest.mark.parametrize("adapt", [["4.weight", "4.bias", "9.weight", "9.bias"], ["9.weight", "9.bias"], ["0.bias", "9.bias"]])

@@ -1,5 +1,6 @@
-"""The MAML code's fully connected initialization (``init="paper"``, ``fastmaml.models.paper_fc_init_``)
-and what it brings into the engine: BatchNorm with a frozen scale beside a learned shift.
+"""The MAML code's initialization (``init="paper"``: ``fastmaml.models.paper_fc_init_`` for the fully
+connected networks, ``paper_conv_init_`` for conv4) and what it brings into the engine: BatchNorm with a
+frozen scale beside a learned shift.
 
 The meta-gradient oracle is written out here and shares no code with fastmaml: a per-task loop of
 plain autograd through the unrolled inner loop in float64, the network by hand (``F.linear``,
@@ -11,6 +12,7 @@ The shifts and biases start random (the paper's zeros would hide a dropped shift
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, List
 
 import pytest
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 import fastmaml
 from fastmaml import configs
-from fastmaml.models import PerStepBatchNorm, build, mlp, mlp_bn, paper_fc_init_
+from fastmaml.models import PerStepBatchNorm, build, conv4, mlp, mlp_bn, paper_conv_init_, paper_fc_init_
 from fastmaml.step_context import inner_step
 
 DT = torch.float64
@@ -81,10 +83,67 @@ def test_bad_init_names_the_argument():
         mlp_bn(5, init="xavier")
     with pytest.raises(ValueError, match="mlp: init must be one of"):
         mlp(init="Paper")
-    cfg = configs.get("omniglot-5w1s")
-    cfg["init"] = "paper"
-    with pytest.raises(ValueError, match="fully connected models.*conv4"):
-        build(cfg)
+    with pytest.raises(ValueError, match="conv4: init must be one of"):
+        conv4(5, init="xavier")
+    with pytest.raises(ValueError, match="head must be 'normal'.*'uniform'"):
+        paper_conv_init_(conv4(5), head="uniform")
+
+
+# -- conv4: the code's construct_conv_weights ------------------------------------------------------
+
+@pytest.mark.parametrize("dataset,head_std", [("omniglot", 1.0), ("miniimagenet", None)])
+def test_conv4_paper_init_from_the_config(dataset, head_std):
+    """Xavier-uniform convolutions (bound sqrt(6 / (fan_in + fan_out)), fan = channels * 9), zero
+    biases, BatchNorm with a frozen unit scale, a zero shift and eps 1e-3; the head N(0, 1) on
+    Omniglot, Xavier-uniform on mini-ImageNet."""
+    torch.manual_seed(3)
+    cfg = configs.apply_overrides(configs.get("omniglot-20w5s" if dataset == "omniglot" else "miniimagenet-5w1s"),
+                                  ["init=paper"])
+    net = build(cfg)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 4 and len(bns) == 4
+    for m in convs:
+        bound = math.sqrt(6.0 / ((m.in_channels + m.out_channels) * 9))
+        w = m.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        # uniform on [-b, b]: std b / sqrt(3) (within 10% for >= 576 draws)
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.1
+        assert torch.count_nonzero(m.bias) == 0
+    for m in bns:
+        assert m.eps == 1e-3 and not m.weight.requires_grad and m.bias.requires_grad
+        assert torch.all(m.weight == 1) and torch.count_nonzero(m.bias) == 0
+    head = net.classifier
+    assert torch.count_nonzero(head.bias) == 0
+    w = head.weight.detach()
+    if head_std is not None:
+        assert head.weight.numel() == 20 * 64 and abs(w.std().item() - head_std) < 0.1
+        assert w.abs().max() > 2.5  # not truncated: N(0, 1) reaches beyond 2 sigma in 1,280 draws
+    else:
+        bound = math.sqrt(6.0 / (head.in_features + head.out_features))
+        assert w.abs().max() <= bound and abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.1
+    # the default stays PyTorch's
+    plain = build(configs.get("omniglot-5w1s"))
+    assert all(m.weight.requires_grad for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_conv4_paper_init_runs_exactly_on_the_fused_path():
+    """The frozen BatchNorm scale of init=paper on conv4 (stride-2 variant, the code's Omniglot net):
+    the fused path's meta-gradient equals the reference's in float64."""
+    torch.manual_seed(4)
+    net = conv4(5, hidden=6, max_pool=False, init="paper").double()
+    g = torch.Generator().manual_seed(5)
+    sx = torch.randn(3, 5, 1, 28, 28, generator=g, dtype=torch.float64)
+    qx = torch.randn(3, 10, 1, 28, 28, generator=g, dtype=torch.float64)
+    sy = torch.stack([torch.randperm(5, generator=g) for _ in range(3)])
+    qy = torch.stack([torch.randperm(5, generator=g).repeat(2) for _ in range(3)])
+    grads = []
+    for kw in (dict(backend="reference"), dict(batching="fused")):
+        lrn = fastmaml.MAML(copy.deepcopy(net), inner_lr=2.0, inner_steps=2, **kw)
+        lrn.meta_step(sx, sy, qx, qy)
+        grads.append(torch.cat([p.grad.flatten() for p in lrn.parameters() if p.requires_grad]))
+    assert lrn.execution_path.startswith("fused")
+    assert float((grads[0] - grads[1]).norm() / grads[0].norm()) <= 1e-10
 
 
 def test_config_key_and_runs_saved_before_it():

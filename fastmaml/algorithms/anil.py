@@ -167,7 +167,7 @@ class ANIL(MAML):
         eng = self.head_engine
         # the inner loop: the engine, on the fixed support features (no HVP state kept: the reverse
         # below differentiates with respect to the features too)
-        loop = eng.inner_loop(fs_d, sy, K, first_order=True, loss_fn=loss_fn, memory="store")
+        loop = eng.inner_loop(fs_d, sy, K, first_order=True, loss_fn=loss_fn, memory="store", keep_grads=True)
         ops, lr = loop.ops, loop.lr
         learn_lr = self.inner_lr.learnable
         lr_grad = torch.zeros_like(lr) if learn_lr else None

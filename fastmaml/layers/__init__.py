@@ -57,22 +57,23 @@ def _cpp():
     return _namespace("cpp", **impls), ""
 
 
-# Examples per task from which one ATen convolution backward per task beats the grouped call on
-# the CPU (measured at conv4's 64-channel layers, 1 thread: N = 75 per-task 1.3-1.7x faster, N = 5
-# grouped 1.4x faster).
-PER_TASK_BACKWARD_MIN_N = 16
+# Output positions per task (N * Ho * Wo) from which one ATen convolution backward per task beats the
+# grouped call over all tasks on the CPU. Measured at conv4's 64-channel layers, 1 thread, T = 32
+# (bench/bench_layers.py): N = 5 at 14x14 (980) per-task 1.48x faster, at 7x7 (245) 1.32x, at 3x3 (45)
+# grouped 2.1x faster; N = 10 at 7x7 (490) even; N = 75 at 3x3 (675) even. Both give the same bits.
+PER_TASK_BACKWARD_MIN_POSITIONS = 512
 
 
 def _cpu_conv_backward(per_task):
     """The faster convolution backward per shape on the CPU (bench/bench_layers.py): the C++
     per-task kernel for one-input-channel layers (a weight gradient only, where the grouped
-    convolution lowers to a slow depthwise kernel); for the others oneDNN's grouped convolution
-    backward over all tasks at once for small per-task batches, one ATen backward per task for
-    large ones (both beat the C++ per-task im2col + GEMM weight gradient at conv4's shapes)."""
+    convolution lowers to a slow depthwise kernel); for the others one ATen backward per task where
+    each task's output has at least PER_TASK_BACKWARD_MIN_POSITIONS positions, oneDNN's grouped
+    convolution backward over all tasks at once below (small maps, where per-call overhead rules)."""
     def conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias):
         if x.shape[2] == 1:
             return per_task(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
-        if x.shape[1] >= PER_TASK_BACKWARD_MIN_N:
+        if dy.shape[1] * dy.shape[3] * dy.shape[4] >= PER_TASK_BACKWARD_MIN_POSITIONS:
             return reference.conv2d_backward_per_task(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
         return reference.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_bias)
     return conv2d_backward

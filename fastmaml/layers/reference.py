@@ -108,10 +108,13 @@ def linear_forward(x: Tensor, w: Tensor, b: Opt) -> Tensor:
     return torch.bmm(x, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None, :], x, w.transpose(1, 2))
 
 
-def linear_backward(dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_bias: bool) -> Tuple[Opt, Tensor, Opt]:
-    """(dx [T, N, I] or None, dw [T, O, I], db [T, O] or None)."""
+def linear_backward(dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_bias: bool,
+                    dw_out: Opt = None) -> Tuple[Opt, Tensor, Opt]:
+    """(dx [T, N, I] or None, dw [T, O, I], db [T, O] or None). ``dw_out``: where to write dw (a
+    [T, O, I] view with unit inner stride, e.g. a parameter's view of the [T, P] gradient)."""
     dx = torch.bmm(dy, w) if need_dx else None
-    return dx, torch.bmm(dy.transpose(1, 2), x), (dy.sum(1) if need_bias else None)
+    dw = torch.bmm(dy.transpose(1, 2), x) if dw_out is None else torch.bmm(dy.transpose(1, 2), x, out=dw_out)
+    return dx, dw, (dy.sum(1) if need_bias else None)
 
 
 def linear_rforward(x: Tensor, rx: Opt, w: Tensor, uw: Opt, ub: Opt) -> Opt:
@@ -124,15 +127,21 @@ def linear_rforward(x: Tensor, rx: Opt, w: Tensor, uw: Opt, ub: Opt) -> Opt:
 
 
 def linear_rbackward(dy: Tensor, rdy: Opt, x: Tensor, rx: Opt, w: Tensor, uw: Opt, need_dx: bool,
-                     need_bias: bool) -> Tuple[Opt, Opt, Opt]:
-    """R{dx} = R{dy} w + dy u_w, R{dw} = R{dy}^T x + dy^T R{x}, R{db} = sum R{dy}."""
+                     need_bias: bool, dw_out: Opt = None) -> Tuple[Opt, Opt, Opt]:
+    """R{dx} = R{dy} w + dy u_w, R{dw} = R{dy}^T x + dy^T R{x}, R{db} = sum R{dy}. ``dw_out``: where to
+    write R{dw} (as in :func:`linear_backward`; zeroed when neither term exists)."""
     rdx = rdw = rdb = None
     if rdy is not None:
-        rdx, rdw, rdb = linear_backward(rdy, x, w, need_dx, need_bias)
+        rdx, rdw, rdb = linear_backward(rdy, x, w, need_dx, need_bias, dw_out=dw_out)
     if need_dx and uw is not None:
         rdx = _add(rdx, torch.bmm(dy, uw))
     if rx is not None:
-        rdw = _add(rdw, torch.bmm(dy.transpose(1, 2), rx))
+        if rdw is None:
+            rdw = torch.bmm(dy.transpose(1, 2), rx) if dw_out is None else torch.bmm(dy.transpose(1, 2), rx, out=dw_out)
+        else:
+            rdw = torch.baddbmm(rdw, dy.transpose(1, 2), rx, out=rdw)  # accumulated in place: one pass
+    elif rdw is None and dw_out is not None:
+        rdw = dw_out.zero_()
     return rdx, rdw, rdb
 
 

@@ -229,16 +229,17 @@ class FusedModel:
 
     # -- backward --------------------------------------------------------------------------------
     def grad(self, theta: Tensor, x: Tensor, y: Tensor, scale: float = 1.0, shared: bool = False,
-             keep: bool = False, step: Optional[int] = None) -> GradResult:
+             keep: bool = False, step: Optional[int] = None, out: Optional[Tensor] = None) -> GradResult:
         """Forward and backward for all tasks; ``scale`` seeds dL_t (the engine's w_k / T); ``step``:
-        the inner step (per-step BatchNorm's weight set; kept in the state for the HVP)."""
+        the inner step (per-step BatchNorm's weight set; kept in the state for the HVP); ``out``: a
+        [T, P] buffer for the gradient (every adapted parameter's view is written)."""
         T = x.shape[0]
         if theta.dim() == 1:
             theta = theta.expand(T, -1)
         params = self.params(theta)
         pred, saved = self._forward(params, x, save=True, step=step)
         kind, losses, d, loss_saved = self._loss(pred, y, scale)
-        g = torch.empty(T, self.layout.numel, dtype=theta.dtype, device=theta.device)
+        g = torch.empty(T, self.layout.numel, dtype=theta.dtype, device=theta.device) if out is None else out
         gviews = self.layout.views(g)
         shared_grads: Dict[str, Tensor] = {}
 
@@ -276,8 +277,10 @@ class FusedModel:
                 d = d.reshape(s["shape"])
             elif isinstance(node, Linear):
                 want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
-                dx, dw, db = R.linear_backward(d, s["x"], params[node.weight], need_dx, want_b)
-                put(node.weight if want_w else None, dw)
+                # an adapted weight's gradient is written straight into its view of g (no temporary)
+                out = gviews[node.weight] if node.weight in self.adapted else None
+                dx, dw, db = R.linear_backward(d, s["x"], params[node.weight], need_dx, want_b, dw_out=out)
+                put(node.weight if want_w and out is None else None, dw)
                 put(node.bias if want_b else None, db)
                 d = dx
             if not need_dx:
@@ -289,8 +292,10 @@ class FusedModel:
         return GradResult(losses, g, shared_grads, pred, state)
 
     # -- Hessian-vector product ------------------------------------------------------------------
-    def hvp(self, state: FusedState, u: Tensor, shared: bool = True) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """(H u [T, P], name -> sum over tasks of R{dL_t/dphi} for the shared trainable parameters)."""
+    def hvp(self, state: FusedState, u: Tensor, shared: bool = True,
+            out: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """(H u [T, P], name -> sum over tasks of R{dL_t/dphi} for the shared trainable parameters).
+        ``out``: a [T, P] buffer to write H u into (reused across the reverse pass's steps)."""
         K = self.kernels
         params, saved = state.params, state.saved
         U = self._direction(u)
@@ -302,19 +307,18 @@ class FusedModel:
                 s["rx"] = r
                 uw, ub = U.get(node.weight), (U.get(node.bias) if node.bias else None)
                 w = params[node.weight]
+                # R{z} = conv(R{x}, w) + conv(x, u_w) + u_b; the bias direction rides in the
+                # convolution's bias (no extra pass over the activation)
                 if r is not None and uw is not None:
                     # conv(R{x}, w) + conv(x, u_w) as one convolution over the stacked input channels
-                    rz = K.conv2d_forward(torch.cat([r, s["x"]], dim=2), torch.cat([w, uw], dim=2), None,
+                    rz = K.conv2d_forward(torch.cat([r, s["x"]], dim=2), torch.cat([w, uw], dim=2), ub,
                                           node.stride, node.padding)
                 elif r is not None:
-                    rz = K.conv2d_forward(r, w, None, node.stride, node.padding)
+                    rz = K.conv2d_forward(r, w, ub, node.stride, node.padding)
                 elif uw is not None:
-                    rz = K.conv2d_forward(s["x"], uw, None, node.stride, node.padding)
+                    rz = K.conv2d_forward(s["x"], uw, ub, node.stride, node.padding)
                 else:
-                    rz = None
-                if ub is not None:
-                    ubv = ub[:, None, :, None, None]
-                    rz = ubv.expand(s["yshape"]) if rz is None else rz + ubv
+                    rz = None if ub is None else ub[:, None, :, None, None].expand(s["yshape"])
                 r = rz
             elif isinstance(node, BatchNormBlock):
                 rz = None if r is None else _to5(r).contiguous()
@@ -352,7 +356,7 @@ class FusedModel:
         rd = (R.cross_entropy_rbackward(state.loss_saved, r, state.scale) if state.loss_kind == "ce"
               else R.mse_rbackward(state.loss_saved, r, state.scale))
 
-        hv = torch.zeros_like(u)
+        hv = torch.zeros_like(u) if out is None else out.zero_()
         hviews = self.layout.views(hv)
         shared_terms: Dict[str, Tensor] = {}
 
@@ -414,9 +418,10 @@ class FusedModel:
                 rd = None if rd is None else rd.reshape(s["shape"])
             elif isinstance(node, Linear):
                 want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
+                out = hviews[node.weight] if node.weight in self.adapted else None
                 rdx, rdw, rdb = R.linear_rbackward(s["d"], rd, s["x"], s["rx"], params[node.weight],
-                                                   U.get(node.weight), need_dx, want_b)
-                put(node.weight if want_w else None, rdw)
+                                                   U.get(node.weight), need_dx, want_b, dw_out=out)
+                put(node.weight if want_w and out is None else None, rdw)
                 put(node.bias if want_b else None, rdb)
                 rd = rdx
             if not need_dx:
