@@ -180,10 +180,10 @@ class GeneralEngine(Engine):
         pred = self.batched.forward(flat, x)
         return general_task_losses(pred, y, loss_fn, self._loss_modes), pred
 
-    def support_grad(self, theta_k, x, y, loss_fn, create_graph):
+    def support_grad(self, theta_k, x, y, loss_fn, create_graph, grad_out=None):
         if theta_k.dim() == 1:
             theta_k = theta_k.expand(x.shape[0], -1)
-        return super().support_grad(theta_k, x, y, loss_fn, create_graph)
+        return super().support_grad(theta_k, x, y, loss_fn, create_graph, grad_out=grad_out)
 
 
 # -- the autograd.Function ----------------------------------------------------------------------
