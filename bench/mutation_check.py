@@ -113,7 +113,7 @@ MUTANTS: List[Mutant] = [
            "v.addcmul_(hv, rate, value=-1.0)", "v.sub_(hv)",
            FUSED_TESTS, "one scalar rate: the second-order term H (a v) computed as H v (the rate dropped)"),
     Mutant("engine_store_budget_ignored", "engine", "fastmaml/engine.py",
-           "                    if used + cost <= budget:", "                    if True:",
+           "                if last or used + cost <= budget:", "                if True:",
            FUSED_TESTS, "store mode keeps every state whatever the budget: memory grows with K"),
     Mutant("engine_recompute_segment_drops_last", "engine", "fastmaml/engine.py",
            "end = k1 - 1 if (k1 - 1) in kept else k1", "end = k1 - 1",
