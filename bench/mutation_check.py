@@ -119,7 +119,7 @@ MUTANTS: List[Mutant] = [
            "end = k1 - 1 if (k1 - 1) in kept else k1", "end = k1 - 1",
            FUSED_TESTS, "recompute mode: the last step of each segment is rerun without its iterate"),
     Mutant("fused_linear_wgrad_not_in_view", "fused path (layers)", "fastmaml/layers/reference.py",
-           "else torch.bmm(dy.transpose(1, 2), x, out=dw_out)", "else torch.bmm(dy.transpose(1, 2), x)",
+           "torch.bmm(dy.transpose(1, 2), x, out=dw_out)", "torch.bmm(dy.transpose(1, 2), x)",
            FUSED_TESTS, "fused path: an adapted Linear weight's gradient never reaches the [T, P] buffer"),
     # -- the fused layer path (fastmaml/layers): R-operator rules always taken from the reference --
     Mutant("fused_linear_rbackward_drops_dy_rx", "fused path (layers)", "fastmaml/layers/reference.py",

@@ -162,12 +162,12 @@ class Engine:
         pred = self.batched.forward(flat, x)
         return task_losses(pred, y, loss_fn), pred
 
-    def scratch(self, name: str, like: Tensor) -> Optional[Tensor]:
-        """A [T, P] scratch buffer shaped like ``like``, kept across calls, on the CPU (None on other
-        devices: their caching allocators already reuse memory). Its contents are never read before
-        they are written."""
+    def scratch(self, name: str, like: Tensor) -> Tensor:
+        """A [T, P] buffer shaped like ``like`` whose contents are never read before they are written:
+        on the CPU one kept across calls under ``name``; elsewhere a fresh one (the caching
+        allocators already reuse memory)."""
         if like.device.type != "cpu":
-            return None
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
         buf = self._scratch.get(name)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             buf = self._scratch[name] = torch.empty(like.shape, dtype=like.dtype)
@@ -215,7 +215,8 @@ class Engine:
                       budget: float = 0.0, keep_grads: bool = True):
         """Run inner steps k0..k1-1 from theta_{k0}. Returns the iterates theta_{k0}..theta_{k1}, the
         support gradients g_{k0}..g_{k1-1} (None where ``keep_grads`` is False: [T, P] each, needed
-        only by first order and learned rates), and ``kept``: step -> the HVP state of that step.
+        only by learned rates and callers with a reverse pass of their own), and ``kept``: step -> the
+        HVP state of that step.
 
         ``keep_states``: False (none), 'last' (step k1-1: its HVP needs no recomputation), 'budget'
         (the last step, and earlier ones while their states, together with the iterates
@@ -379,7 +380,6 @@ class Engine:
                     u = v if scalar else ops.scale(v, rate, seg)
                     if hv_buf is None and isinstance(state, FusedState):
                         hv_buf = self.scratch("hv", v)
-                        hv_buf = torch.empty_like(v) if hv_buf is None else hv_buf
                     with record_function("fastmaml.hvp"):
                         hv, terms = self.hvp(state, u, shared_list, shared_names,
                                              out=hv_buf if isinstance(state, FusedState) else None)
@@ -517,7 +517,7 @@ class InnerLoop:
     c: int                      # checkpoint spacing (K in store mode)
     checkpoints: List[Tensor]   # store: theta_0..theta_{K-1}; recompute: every c-th iterate
     stored_grads: List[Optional[Tensor]]  # g_0..g_{K-1} (store) or [g_{K-1}] (recompute); None entries
-                                          # unless first order or learned rates need them
+                                          # unless kept (learned rates, or keep_grads=True)
     kept: Dict[int, object]     # step -> HVP state kept from the forward
     theta_K: Tensor             # [T, P], detached
     support_losses: Tensor      # [K, T]

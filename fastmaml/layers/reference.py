@@ -113,8 +113,7 @@ def linear_backward(dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_bias: 
     """(dx [T, N, I] or None, dw [T, O, I], db [T, O] or None). ``dw_out``: where to write dw (a
     [T, O, I] view with unit inner stride, e.g. a parameter's view of the [T, P] gradient)."""
     dx = torch.bmm(dy, w) if need_dx else None
-    dw = torch.bmm(dy.transpose(1, 2), x) if dw_out is None else torch.bmm(dy.transpose(1, 2), x, out=dw_out)
-    return dx, dw, (dy.sum(1) if need_bias else None)
+    return dx, torch.bmm(dy.transpose(1, 2), x, out=dw_out), (dy.sum(1) if need_bias else None)
 
 
 def linear_rforward(x: Tensor, rx: Opt, w: Tensor, uw: Opt, ub: Opt) -> Opt:
@@ -137,7 +136,7 @@ def linear_rbackward(dy: Tensor, rdy: Opt, x: Tensor, rx: Opt, w: Tensor, uw: Op
         rdx = _add(rdx, torch.bmm(dy, uw))
     if rx is not None:
         if rdw is None:
-            rdw = torch.bmm(dy.transpose(1, 2), rx) if dw_out is None else torch.bmm(dy.transpose(1, 2), rx, out=dw_out)
+            rdw = torch.bmm(dy.transpose(1, 2), rx, out=dw_out)
         else:
             rdw = torch.baddbmm(rdw, dy.transpose(1, 2), rx, out=rdw)  # accumulated in place: one pass
     elif rdw is None and dw_out is not None:
