@@ -107,6 +107,10 @@ class FusedModel:
             return True
         return shared and self._trainable(name)
 
+    def forget_trainable(self) -> None:
+        """Some parameter's ``requires_grad`` changed: :meth:`_trainable` reads them again."""
+        self.__dict__.pop("_trainable_names", None)
+
     def _trainable(self, name: str) -> bool:
         if not hasattr(self, "_trainable_names"):
             self._trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -185,9 +189,11 @@ class FusedModel:
                 s["shape"] = h.shape
                 h = h.reshape(h.shape[0], h.shape[1], -1)
             elif isinstance(node, Linear):
-                s["x"] = h
+                s["shape"] = h.shape
+                s["x"] = h = _rows(h)
                 b = params[node.bias] if node.bias else None
                 h = R.linear_forward(h, params[node.weight], b)
+                h = _unrows(h, s["shape"])
             saved.append(s if save else {})
         return h, saved
 
@@ -279,10 +285,11 @@ class FusedModel:
                 want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
                 # an adapted weight's gradient is written straight into its view of g (no temporary)
                 out = gviews[node.weight] if node.weight in self.adapted else None
+                s["d"] = d = _rows(d)
                 dx, dw, db = R.linear_backward(d, s["x"], params[node.weight], need_dx, want_b, dw_out=out)
                 put(node.weight if want_w and out is None else None, dw)
                 put(node.bias if want_b else None, db)
-                d = dx
+                d = _unrows(dx, s["shape"])
             if not need_dx:
                 break
         state = None
@@ -349,9 +356,10 @@ class FusedModel:
             elif isinstance(node, Flatten):
                 r = None if r is None else r.reshape(r.shape[0], r.shape[1], -1)
             elif isinstance(node, Linear):
-                s["rx"] = r
+                s["rx"] = r = _rows(r)
                 uw, ub = U.get(node.weight), (U.get(node.bias) if node.bias else None)
                 r = R.linear_rforward(s["x"], r, params[node.weight], uw, ub)
+                r = _unrows(r, s["shape"])
 
         rd = (R.cross_entropy_rbackward(state.loss_saved, r, state.scale) if state.loss_kind == "ce"
               else R.mse_rbackward(state.loss_saved, r, state.scale))
@@ -419,14 +427,26 @@ class FusedModel:
             elif isinstance(node, Linear):
                 want_w, want_b = self._wants(node.weight, shared), self._wants(node.bias, shared)
                 out = hviews[node.weight] if node.weight in self.adapted else None
+                rd = _rows(rd)
                 rdx, rdw, rdb = R.linear_rbackward(s["d"], rd, s["x"], s["rx"], params[node.weight],
                                                    U.get(node.weight), need_dx, want_b, dw_out=out)
                 put(node.weight if want_w and out is None else None, rdw)
                 put(node.bias if want_b else None, rdb)
-                rd = rdx
+                rd = _unrows(rdx, s["shape"])
             if not need_dx:
                 break
         return hv, shared_terms
+
+
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A Linear's input [T, N, ..., F] as the [T, N * ..., F] rows the task-batched matmul takes
+    (a Linear maps the last dimension only, as nn.Linear does on any input); a view when it can be."""
+    return t if t is None or t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _unrows(t: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
+    """A Linear's rows [T, M, F'] back to ``shape`` [T, N, ..., F] with F' in place of F."""
+    return t if t is None or len(shape) == 3 else t.reshape(*shape[:-1], t.shape[-1])
 
 
 def _nbytes(saved: List[dict]) -> int:
