@@ -5,7 +5,7 @@ Run in the benchmark venv (learn2learn 0.2.0, higher 0.2.1, TorchOpt; bench/setu
     . .venv-bench/bin/activate && python bench/bench_compat.py [--tasks 8] [--repeats 3]
 
 For each example's workload (examples/): the meta-step of the original per-task script on its library,
-the same script with fastmaml.compat swapped in (learn2learn and higher examples), and the batched port
+the same script with fastmaml.compat swapped in, and the batched port
 (fastmaml.MAML.adapt(create_graph=True) + learner(fast, x)), one run, side by side:
 
 * gradient check: float64 meta-gradients on one batch (2 tasks), whole-gradient relative error of the
@@ -40,6 +40,7 @@ import fastmaml  # noqa: E402
 from common import machine, median_time, table, write_json  # noqa: E402
 from fastmaml.compat import higher as fhigher  # noqa: E402
 from fastmaml.compat import learn2learn as fl2l  # noqa: E402
+from fastmaml.compat import torchopt as ftorchopt  # noqa: E402
 from fastmaml.models import Conv4  # noqa: E402
 from higher_maml_omniglot import higher_net  # noqa: E402
 from maml_sine import sine_model  # noqa: E402
@@ -159,8 +160,10 @@ def runners(lib_name, libs, lr, steps, loss, reduce):
         if "higher" in libs:
             out["original"] = lambda m, b: higher_step(libs["higher"], m, lr, steps, loss, b)
         out["import swap"] = lambda m, b: higher_step(fhigher, m, lr, steps, loss, b)
-    elif "torchopt" in libs:
-        out["original"] = lambda m, b: torchopt_step(libs["torchopt"], m, lr, steps, loss, b)
+    else:
+        if "torchopt" in libs:
+            out["original"] = lambda m, b: torchopt_step(libs["torchopt"], m, lr, steps, loss, b)
+        out["import swap"] = lambda m, b: torchopt_step(ftorchopt, m, lr, steps, loss, b)
 
     learners = {}
 

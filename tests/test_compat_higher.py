@@ -1,27 +1,28 @@
-"""fastmaml.compat.higher: higher 0.2.1's innerloop_ctx for torch.optim.SGD.
+"""fastmaml.compat.higher: higher 0.2.1's innerloop_ctx for torch.optim.SGD, and a drop-in module.
 
 Oracle tests (always): a hand-written unrolled SGD (momentum, dampening, nesterov, weight decay) with
-torch.autograd.grad(create_graph=True), float64, relative error <= 1e-10. Comparison with higher
-itself where it imports (skipped with the reason otherwise)."""
+torch.autograd.grad(create_graph=True), float64, relative error <= 1e-10. Comparisons with higher itself
+(tests/compat_libs.py: skipped where it is absent, failing instead under FASTMAML_REQUIRE_COMPAT_LIBS):
+the gradients for every SGD option, and higher's published examples/maml-omniglot.py run with only the
+import swapped (tests/compat_examples.py). Also: names passed through to higher, the ImportError
+without it, and the NaN refusal."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import compat_examples as E
+from compat_libs import library
 from fastmaml.compat import higher as fhigher
 from helpers import classification_batch, conv_bn, mlp, regression_batch
 
 TOL = 1e-10
-
-try:
-    import higher as HIGHER
-    WHY = ""
-except Exception as e:  # noqa: BLE001
-    HIGHER, WHY = None, f"higher is not importable here ({type(e).__name__}: {e}); pip install higher==0.2.1"
+EXAMPLE_TOL = 1e-12
 
 
 def rel(a, b):
@@ -131,13 +132,70 @@ def test_track_higher_grads_false_and_buffers_are_copies():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
 
 
-@pytest.mark.skipif(HIGHER is None, reason=WHY or "higher missing")
 @pytest.mark.parametrize("kind", ["mlp", "conv_bn"])
 @pytest.mark.parametrize("setting", list(SGD_SETTINGS))
 @pytest.mark.parametrize("copy_initial_weights", [False, True])
 def test_same_gradients_as_higher(kind, setting, copy_initial_weights):
+    higher = library("higher")
     model, batch, loss = cases()[kind]
     sgd = SGD_SETTINGS[setting]
     got = script(fhigher, copy.deepcopy(model), batch, 2, loss, sgd, copy_initial_weights)
-    want = script(HIGHER, copy.deepcopy(model), batch, 2, loss, sgd, copy_initial_weights)
+    want = script(higher, copy.deepcopy(model), batch, 2, loss, sgd, copy_initial_weights)
     assert rel(got, want) <= TOL
+
+
+def test_published_omniglot_example_same_as_higher():
+    """higher's examples/maml-omniglot.py pattern, float64: one meta-iteration (2 tasks, 5 diffopt steps,
+    backward per task, Adam) and the test loop (track_higher_grads=False); the original vs the import swap.
+    16 channels instead of 64 keeps the float64 double backward of 100 images per task within seconds;
+    every layer type (in-place ReLU, BatchNorm momentum 1, max-pool) is there."""
+    higher = library("higher")
+    theirs = E.run(E.HigherOmniglot, higher, iterations=1, tasks=2, channels=16)
+    ours = E.run(E.HigherOmniglot, fhigher, iterations=1, tasks=2, channels=16)
+    diffs = E.differences(ours, theirs)
+    assert max(diffs.values()) <= EXAMPLE_TOL, diffs
+
+
+def test_other_names_are_higher_s():
+    higher = library("higher")
+    for name in ("patch", "optim", "utils", "monkeypatch", "get_diff_optim", "create_diff_optim", "register_optim"):
+        assert getattr(fhigher, name) is getattr(higher, name), name
+    assert fhigher.optim.DifferentiableAdam is higher.optim.DifferentiableAdam
+    assert fhigher.innerloop_ctx is not higher.innerloop_ctx
+    assert {"patch", "innerloop_ctx"} <= set(dir(fhigher))
+    with pytest.raises(AttributeError, match=r"no attribute 'no_such_name'.*nor the installed higher"):
+        fhigher.no_such_name
+
+
+def test_without_higher_other_names_raise_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "higher", None)   # as if not installed
+    with pytest.raises(ImportError, match=r"fastmaml\.compat\.higher\.monkeypatch comes from higher, which is not "
+                                          r"installed \(pip install higher==0\.2\.1\).*innerloop_ctx"):
+        fhigher.monkeypatch
+    model, batch, loss = cases()["mlp"]                # innerloop_ctx keeps working
+    got = script(fhigher, copy.deepcopy(model), batch, 1, loss, SGD_SETTINGS["plain"])
+    want = oracle(copy.deepcopy(model), batch, 1, loss, SGD_SETTINGS["plain"])
+    assert rel(got, want) <= TOL
+
+
+def test_nan_inner_loss_is_refused_naming_the_call():
+    torch.manual_seed(4)
+    model = mlp(1, 4, 1).double()
+    x = torch.randn(5, 1, dtype=torch.float64)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with fhigher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fnet, diffopt):
+        diffopt.step(fnet(x).pow(2).mean())
+    with fhigher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fnet, diffopt):
+        diffopt.step(fnet(x).pow(2).mean())
+        before = list(fnet.parameters())
+        with pytest.raises(FloatingPointError, match=r"non-finite inner loss nan given to diffopt\.step\(\) call 2 of "
+                                                     r"innerloop_ctx #2 \(innerloop_ctx call 2 on this model since its "
+                                                     r"parameters last changed\); higher would .* NaN"):
+            diffopt.step(fnet(x).pow(2).mean() * float("nan"))
+        assert all(a is b for a, b in zip(fnet.parameters(), before))   # nothing was updated
+    with torch.no_grad():                              # the meta-parameters change: tasks count from 1 again
+        for p in model.parameters():
+            p.add_(0.01)
+    with fhigher.innerloop_ctx(model, inner) as (fnet, diffopt):
+        with pytest.raises(FloatingPointError, match=r"call 1 of innerloop_ctx #1 "):
+            diffopt.step(fnet(x).pow(2).mean() * float("inf"))

@@ -20,184 +20,33 @@ What differs: learn2learn copies the module tree at every ``clone()`` and rebuil
 (nothing is copied). A clone's ``.module`` is the model itself (not a copy holding the fast weights):
 call the clone, not ``clone.module``, to use the fast weights; a clone's ``parameters()`` are its
 fast weights, as in learn2learn.
+
+What fastmaml adds: bad arguments fail when the learner is made (``MAML(model, lr="0.01")`` raises a
+TypeError naming ``lr``), and ``adapt()`` refuses a NaN or infinite loss with a FloatingPointError
+naming the call (which ``adapt()`` of which clone) instead of turning every ``.grad`` into NaN.
+
+Every other name a learn2learn script uses (``vision``, ``data``, ``nn``, ``utils``, ``optim``,
+``clone_module``, ``algorithms.GBML``, ...) is the installed learn2learn's own object, so
+``import fastmaml.compat.learn2learn as l2l`` runs learn2learn's published examples unchanged; without
+learn2learn these names raise an ImportError saying so, and ``MAML``, ``MetaSGD``, ``algorithms.MAML``
+and ``algorithms.MetaSGD`` keep working.
 """
 
-from __future__ import annotations
-
-import types
-from typing import Iterator, List, Optional, Tuple
-
-import torch
-from torch import Tensor, nn
-from torch.autograd import grad
-
-from ._swap import Slots, call_with
+# Only learn2learn's names live here (the implementation is in _learn2learn_impl): any other global,
+# say torch's ``nn``, would hide learn2learn's ``l2l.nn`` from the pass-through below.
+from . import _passthrough
+from ._learn2learn_impl import INSTALL as _INSTALL
+from ._learn2learn_impl import MAML, MetaSGD
 
 __all__ = ["MAML", "MetaSGD", "algorithms"]
+MAML.__module__ = MetaSGD.__module__ = __name__   # where users import them from (reprs, pickles)
 
+# learn2learn scripts write ``l2l.algorithms.MAML``: our MAML and MetaSGD there, learn2learn's other
+# algorithms (GBML, LightningMAML, maml_update, ...) beside them
+algorithms = _passthrough.namespace(f"{__name__}.algorithms", "learn2learn.algorithms", _INSTALL,
+                                    {"MAML": MAML, "MetaSGD": MetaSGD})
 
-class _Learner:
-    """A clone: fast weights (aligned with ``model.parameters()``), adapted by SGD steps."""
-
-    __slots__ = ("_owner", "_fast", "_lrs", "first_order", "allow_unused", "allow_nograd")
-
-    def __init__(self, owner, fast: List[Tensor], lrs, first_order: bool, allow_unused: bool, allow_nograd: bool):
-        self._owner = owner
-        self._fast = fast
-        self._lrs = lrs
-        self.first_order = first_order
-        self.allow_unused = allow_unused
-        self.allow_nograd = allow_nograd
-
-    # -- learn2learn's API -------------------------------------------------------------------
-    @property
-    def module(self) -> nn.Module:
-        return self._owner.module
-
-    @property
-    def lr(self):
-        return self._owner.lr
-
-    @property
-    def lrs(self):
-        return self._lrs
-
-    def __call__(self, *args, **kwargs):
-        return call_with(self._owner.module, self._owner._slots, self._fast, None, args, kwargs)
-
-    forward = __call__
-
-    def adapt(self, loss: Tensor, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
-              allow_nograd: Optional[bool] = None) -> None:
-        first_order = self.first_order if first_order is None else first_order
-        if self._lrs is not None:  # MetaSGD: learn2learn's MetaSGD.adapt has no allow_* arguments
-            self._fast = _step(loss, self._fast, self._lrs, not first_order, False, False)
-            return
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
-        self._fast = _step(loss, self._fast, self._owner.lr, not first_order, allow_unused, allow_nograd)
-
-    def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
-              allow_nograd: Optional[bool] = None) -> "_Learner":
-        return _Learner(self._owner, list(self._fast), self._lrs,
-                        self.first_order if first_order is None else first_order,
-                        self.allow_unused if allow_unused is None else allow_unused,
-                        self.allow_nograd if allow_nograd is None else allow_nograd)
-
-    def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
-        yield from self._fast
-        if self._lrs is not None:
-            yield from self._lrs
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[Tuple[str, Tensor]]:
-        names = [n for n, _ in self._owner.module.named_parameters()]
-        for n, p in zip(names, self._fast):
-            yield (prefix + "module." + n, p)
-        if self._lrs is not None:
-            for i, p in enumerate(self._lrs):
-                yield (prefix + f"lrs.{i}", p)
-
-    def train(self, mode: bool = True) -> "_Learner":
-        self._owner.module.train(mode)
-        return self
-
-    def eval(self) -> "_Learner":
-        return self.train(False)
-
-    def __repr__(self) -> str:
-        return f"{type(self._owner).__name__}.clone()({self._owner.module!r})"
-
-
-def _step(loss: Tensor, params: List[Tensor], lr, second_order: bool, allow_unused: bool,
-          allow_nograd: bool) -> List[Tensor]:
-    """One SGD step on ``params`` as learn2learn's maml_update / meta_sgd_update take it."""
-    if allow_nograd:
-        diff = [p for p in params if p.requires_grad]
-        got = iter(grad(loss, diff, retain_graph=second_order, create_graph=second_order,
-                        allow_unused=allow_unused))
-        grads = [next(got) if p.requires_grad else None for p in params]
-    else:
-        try:
-            grads = grad(loss, params, retain_graph=second_order, create_graph=second_order,
-                         allow_unused=allow_unused)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}\nfastmaml.compat.learn2learn: maybe try with allow_nograd=True and/or "
-                               "allow_unused=True ?") from e
-    if isinstance(lr, (list, tuple, nn.ParameterList)):  # MetaSGD: one rate tensor per parameter
-        return [p if g is None else p - r * g for p, r, g in zip(params, lr, grads)]
-    return [p if g is None else p + (-lr) * g for p, g in zip(params, grads)]
-
-
-class MAML(nn.Module):
-    """learn2learn 0.2's ``MAML(model, lr, first_order=False, allow_unused=None, allow_nograd=False)``."""
-
-    def __init__(self, model: nn.Module, lr: float, first_order: bool = False, allow_unused: Optional[bool] = None,
-                 allow_nograd: bool = False) -> None:
-        super().__init__()
-        self.module = model
-        self.lr = lr
-        self.first_order = first_order
-        self.allow_nograd = allow_nograd
-        self.allow_unused = allow_nograd if allow_unused is None else allow_unused
-        self._fast: Optional[List[Tensor]] = None
-
-    @property
-    def _slots(self) -> Slots:
-        # rebuilt when the parameters were replaced (model.to(...), load_state_dict(assign=True), ...)
-        s = self.__dict__.get("_slots_cache")
-        params = list(self.module.parameters())
-        if s is None or len(s.params) != len(params) or any(a is not b for a, b in zip(s.params, params)):
-            s = Slots(self.module)
-            self.__dict__["_slots_cache"] = s
-        return s
-
-    def forward(self, *args, **kwargs):
-        if self._fast is None:
-            return self.module(*args, **kwargs)
-        return call_with(self.module, self._slots, self._fast, None, args, kwargs)
-
-    def _lrs(self):
-        return None
-
-    def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
-              allow_nograd: Optional[bool] = None) -> _Learner:
-        fast = list(self._fast) if self._fast is not None else list(self._slots.params)
-        return _Learner(self, fast, self._lrs(), self.first_order if first_order is None else first_order,
-                        self.allow_unused if allow_unused is None else allow_unused,
-                        self.allow_nograd if allow_nograd is None else allow_nograd)
-
-    def adapt(self, loss: Tensor, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
-              allow_nograd: Optional[bool] = None) -> None:
-        """Adapting the meta-learner itself (not a clone): later calls use its fast weights, and
-        ``parameters()`` stays the model's own."""
-        fast = list(self._fast) if self._fast is not None else list(self._slots.params)
-        first_order = self.first_order if first_order is None else first_order
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
-        self._fast = _step(loss, fast, self.lr, not first_order, allow_unused, allow_nograd)
-
-
-class MetaSGD(MAML):
-    """learn2learn 0.2's ``MetaSGD(model, lr=1.0, first_order=False, lrs=None)``: per-parameter rates
-    ``lrs`` (an ``nn.ParameterList``, initialized to ``lr``) are meta-learned with the model."""
-
-    def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False, lrs=None) -> None:
-        super().__init__(model, lr, first_order)
-        if lrs is None:
-            lrs = nn.ParameterList([nn.Parameter(torch.ones_like(p) * lr) for p in model.parameters()])
-        self.lrs = lrs
-
-    def _lrs(self):
-        return self.lrs
-
-    def clone(self, first_order: Optional[bool] = None, allow_unused=None, allow_nograd=None) -> _Learner:
-        return super().clone(first_order)
-
-    def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:
-        fast = list(self._fast) if self._fast is not None else list(self._slots.params)
-        first_order = self.first_order if first_order is None else first_order
-        self._fast = _step(loss, fast, self.lrs, not first_order, False, False)
-
-
-# learn2learn scripts write ``l2l.algorithms.MAML``: the same names under ``algorithms``
-algorithms = types.SimpleNamespace(MAML=MAML, MetaSGD=MetaSGD)
+# every other name (vision, data, nn, utils, optim, clone_module, ...) is learn2learn's
+__getattr__ = _passthrough.make_getattr(__name__, "learn2learn", _INSTALL,
+                                        ("MAML", "MetaSGD", "algorithms.MAML", "algorithms.MetaSGD"))
+__dir__ = _passthrough.make_dir(globals(), "learn2learn")
