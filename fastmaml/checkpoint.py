@@ -6,7 +6,9 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (no pi
     iteration     meta-updates done          config      the run's config (a flat dict)
     model         the model's state_dict     inner_lr    the learner's inner-LR state_dict ({"lr": ...})
     optimizer     the Adam state_dict        rng         {"torch", "cuda", "numpy", "python", "sampler"}
-    progress      {"elapsed": seconds of training, "window": sums of the metrics since the last log line}
+    progress      {"elapsed": seconds of training, "window": sums of the metrics since the last log line,
+                   "metrics": metrics.jsonl as written then, {"lines", "bytes", "sha256"} (absent in
+                   older checkpoints; see :mod:`fastmaml.metrics_file`)}
     device        the device it was trained on (informational)
 
 Writing (:func:`save`): ``torch.save`` into a temporary file in the same folder, flush, fsync,
@@ -40,6 +42,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from . import metrics_file
 from .configs import UserError
 from .fsutil import atomic_write
 
@@ -101,10 +104,11 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
 
 # -- atomic writing ----------------------------------------------------------------------------------
 
-def atomic_write_bytes(path: PathLike, write) -> None:
+def atomic_write_bytes(path: PathLike, write, make_parent: bool = True) -> None:
     """Create ``path`` atomically: ``write(fileobj)`` fills a temporary file ``.<name>.*.tmp`` in the
-    same folder, which is flushed, fsynced and renamed over ``path``; the folder is fsynced after."""
-    with atomic_write(Path(path), suffix=".tmp") as f:
+    same folder, which is flushed, fsynced and renamed over ``path``; the folder is fsynced after
+    (``make_parent``: create the folder when missing)."""
+    with atomic_write(Path(path), suffix=".tmp", make_parent=make_parent) as f:
         write(f)
 
 
@@ -145,10 +149,11 @@ def keep_as_previous(path: PathLike) -> None:
 
 def save(path: PathLike, checkpoint: Mapping[str, Any], keep_previous: bool = False) -> None:
     """Write ``checkpoint`` to ``path`` atomically (see the module docstring); with ``keep_previous``
-    the checkpoint it replaces becomes ``checkpoint.prev.pt`` first."""
+    the checkpoint it replaces becomes ``checkpoint.prev.pt`` first. The folder must exist (a run
+    folder deleted meanwhile is not recreated holding a checkpoint alone)."""
     if keep_previous and Path(path).is_file():
         keep_as_previous(path)
-    atomic_write_bytes(path, lambda f: torch.save(dict(checkpoint), f))
+    atomic_write_bytes(path, lambda f: torch.save(dict(checkpoint), f), make_parent=False)
 
 
 def remove_stale_temporaries(folder: PathLike, name: str = FILENAME) -> None:
@@ -184,6 +189,8 @@ def verify_integrity(path: PathLike) -> None:
 def load(path: PathLike) -> Dict[str, Any]:
     """Read and validate a checkpoint (on the CPU); :class:`CheckpointError` if it is unusable."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint file (a folder?); it was not loaded")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     verify_integrity(path)
@@ -256,6 +263,7 @@ def validate(ckpt: Any, path: PathLike = "<checkpoint>") -> None:
           and (py_state.get("gauss_next") is None or isinstance(py_state.get("gauss_next"), float)),
           path, "Python RNG state")
     _need(isinstance(rng.get("sampler"), dict), path, "sampler state")
+    _need("metrics" not in prog or metrics_file.check_record(prog["metrics"]), path, "progress metrics record")
     cuda = rng.get("cuda", [])
     _need(isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda),
           path, "CUDA RNG state")

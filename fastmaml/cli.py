@@ -55,15 +55,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .configs import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
-        # Everything after `bench` belongs to the benchmark script's own parser.
-        from .bench_command import run
-
-        try:
-            return run(argv[1:])
-        except UserError as e:
-            print(f"fastmaml: error: {_one_line(e)}", file=sys.stderr)
-            return e.code
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -74,7 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"fastmaml: error: {_one_line(e)}", file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .termination import EXIT_STATUS, Terminated
+
+        if isinstance(e, Terminated):  # SIGTERM during eval or plot (fastmaml/termination.py)
+            print("fastmaml: terminated (SIGTERM)", file=sys.stderr)
+            return EXIT_STATUS
         print("fastmaml: interrupted", file=sys.stderr)
         return 130
     except OSError as e:

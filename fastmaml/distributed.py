@@ -45,7 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_TIMEOUT_S = 600.0
+# --nproc and --dist-timeout are defined in fastmaml/distributed_args.py (no torch import there)
+from .distributed_args import DEFAULT_TIMEOUT_S, _positive_seconds, add_arguments  # noqa: E402,F401
+
 CHECK_EVERY = 50  # iterations between two parameter checksums in training
 FAULT_ENV = "FASTMAML_FAULT"  # tests: "RANK:ITER:kill", "RANK:ITER:hang" or "RANK:ITER:drift"
 
@@ -360,16 +362,6 @@ def _fault(rank: int, it: int, learner=None) -> None:
             return
         while True:
             time.sleep(3600)
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="data-parallel training in N processes on this machine (each takes 1/N of every "
-                        "meta-batch; the results match 1 process up to rounding). For several machines use "
-                        "torchrun --nnodes ... -m fastmaml train")
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                   help=f"distributed runs: seconds before a rank that waits on a dead or hung one gives up "
-                        f"(default {DEFAULT_TIMEOUT_S:g})")
 
 
 def wanted(args) -> bool:

@@ -19,16 +19,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-
-from . import checkpoint as ckpt_mod
-from . import configs
+# numpy, torch and fastmaml.checkpoint are imported in the functions that use them: `fastmaml eval
+# --help` and argument errors answer without importing torch (tests/test_cli_startup.py)
+from . import configs, run_info
 from .configs import Config, UserError
 from .train import (build_learner, check_writable, fixed_episodes, keep_freed_memory, make_dataset, resolve_device,
                     set_threads, write_json)
+
+if TYPE_CHECKING:
+    import torch
 
 COMMAND_HELP = "evaluate a trained run on fixed test episodes (mean and 95% CI); writes eval.json"
 
@@ -53,7 +54,9 @@ def add_arguments(p) -> None:
                    help="test episodes (tasks for sinusoid); default: the config's eval_episodes (600)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="inner steps at test time; default: the config's test_steps (10)")
-    p.add_argument("--data", metavar="DIR", help="the data folder (default: $FASTMAML_DATA, then ~/.cache/fastmaml)")
+    p.add_argument("--data", metavar="DIR", help="the data folder, holding omniglot/ or miniimagenet/ (default: "
+                   "the one the run trained on, remembered in RUN_DIR/run.json; then $FASTMAML_DATA, then "
+                   "~/.cache/fastmaml)")
     p.add_argument("--queries", type=_positive_int, default=None,
                    help="query examples per class (points for sinusoid); default: the config's eval_queries")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which classes to test on")
@@ -66,6 +69,8 @@ def add_arguments(p) -> None:
 def mean_ci95(values: Sequence[float]) -> Tuple[float, Optional[float]]:
     """The mean and the half-width of its 95% confidence interval, ``1.96 * s / sqrt(n)`` with ``s``
     the sample standard deviation (``ddof=1``); None for fewer than 2 values."""
+    import numpy as np
+
     a = np.asarray(values, dtype=np.float64).ravel()
     if a.size == 0:
         raise ValueError("mean_ci95 of no values")
@@ -92,6 +97,8 @@ def run_episodes(learner, episodes, steps: int, classification: bool) -> Tuple[L
 def load_run(path: str) -> Tuple[Dict[str, Any], Path, Path]:
     """(checkpoint, run folder, checkpoint path) for a run folder or a checkpoint file. A damaged
     latest checkpoint falls back to ``checkpoint.prev.pt``, with a warning on stderr."""
+    from . import checkpoint as ckpt_mod
+
     p = Path(path)
     if p.is_dir():
         ckpt_path = p / ckpt_mod.FILENAME
@@ -104,11 +111,31 @@ def load_run(path: str) -> Tuple[Dict[str, Any], Path, Path]:
     ckpt, used, note = ckpt_mod.load_latest(ckpt_path)
     if note is not None:
         print(f"fastmaml: warning: {note}", file=sys.stderr)
+    check_run_config(ckpt, used)
     return ckpt, ckpt_path.parent, used
+
+
+def check_run_config(ckpt: Dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint of another config than its run folder's ``config.json`` (a copied or
+    mixed-up file), as ``fastmaml train --resume`` does: the differences that matter to a run (all
+    keys but those a resume may change, such as ``iterations``) are named. Nothing to compare when
+    the folder has no readable ``config.json``."""
+    from .train import RESUMABLE, describe_differences, read_json
+
+    folder_config = read_json(path.parent / "config.json")
+    if folder_config is None:
+        return
+    diffs = configs.differences(folder_config, ckpt["config"], ignore=RESUMABLE)
+    if diffs:
+        raise UserError(f"{path} is a checkpoint of a different config than its run folder's config.json; refusing "
+                        f"to use it: {describe_differences(diffs, 'config.json', 'checkpoint')}. Use the checkpoint "
+                        "with the run folder it came from")
 
 
 def config_of(ckpt: Dict[str, Any], path: Path) -> Config:
     """The checkpoint's config, checked against this fastmaml's config keys and types."""
+    from . import checkpoint as ckpt_mod
+
     saved = ckpt["config"]
     name = saved.get("config")
     if name not in configs.CONFIGS:
@@ -127,6 +154,8 @@ def config_of(ckpt: Dict[str, Any], path: Path) -> Config:
 
 def restore_learner(ckpt: Dict[str, Any], path: Path, device: torch.device):
     """The trained learner of a checkpoint (validated before anything is loaded)."""
+    from . import checkpoint as ckpt_mod
+
     config = config_of(ckpt, path)
     learner, _ = build_learner(config, device)
     ckpt_mod.check_compatible(ckpt, learner.model, learner.inner_lr, path)
@@ -139,6 +168,8 @@ def restore_learner(ckpt: Dict[str, Any], path: Path, device: torch.device):
 
 def regression_errors(learner, sx, sy, qx, qy, max_steps: int) -> torch.Tensor:
     """[max_steps + 1, T]: each task's query MSE after 0..max_steps inner steps."""
+    import torch
+
     rows = []
     with torch.no_grad():
         pred = learner.predict(learner.adapt(sx, sy, steps=0), qx)
@@ -153,6 +184,9 @@ def regression_errors(learner, sx, sy, qx, qy, max_steps: int) -> torch.Tensor:
 def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int, seed: int,
              progress=None) -> Dict[str, Any]:
     """The evaluation summary dict (what eval.json holds, less the bookkeeping)."""
+    import numpy as np
+    import torch
+
     classification = config["dataset"] != "sinusoid"
     done = 0
     if classification:
@@ -185,23 +219,43 @@ def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int,
             "episodes": int(e.shape[1])}
 
 
+def _three_digits(x: float) -> str:
+    """``x`` to 3 significant digits, trailing zeros kept (3.00, not 3: a number that looks whole
+    reads as cut off)."""
+    return format(x, "#.3g").rstrip(".")
+
+
+def _steps(k: int) -> str:
+    return f"{k} inner step" + ("" if k == 1 else "s")
+
+
 def summary_line(result: Dict[str, Any]) -> str:
-    head = f"{result['config']} (iteration {result['iteration']}, {result['split']})"
+    """One sentence: e.g. ``sinusoid-tiny (iteration 1000, test split): MSE after 0 inner steps:
+    3.07; after 1 inner step: 0.450; after 10 inner steps: 0.120 ± 0.0150 (95% CI over 600 tasks).``
+    (No CI from a single episode or task.)"""
+    head = f"{result['config']} (iteration {result['iteration']}, {result['split']} split)"
     n, s = result["episodes"], result["steps"]
     if "accuracy" in result:
         ci = result["accuracy_ci95"]
-        ci_text = f" ± {100 * ci:.2f}%" if ci is not None else ""
-        return (f"{head}: accuracy {100 * result['accuracy']:.2f}%{ci_text} (95% CI, {n} episodes, "
-                f"{s} inner steps)")
+        spread = f" ± {100 * ci:.2f}% (95% CI over {n} episodes)" if ci is not None else f" ({n} episode)"
+        return f"{head}: accuracy after {_steps(s)}: {100 * result['accuracy']:.2f}%{spread}."
     by = result["mse_by_step"]
     ci = result["mse_ci95"]
-    ci_text = f" ± {ci:.3g}" if ci is not None else ""
-    one = f", 1 step {by[1]['mse']:.3g}" if s > 1 else ""
-    return (f"{head}: MSE after {s} steps {result['mse']:.4g}{ci_text} (95% CI, {n} tasks); "
-            f"0 steps {by[0]['mse']:.3g}{one}")
+    spread = f" ± {_three_digits(ci)} (95% CI over {n} tasks)" if ci is not None else f" ({n} task)"
+    shown = [0, 1] if s > 1 else [0]  # the pre-update MSE and one step, then the last step with its CI
+    parts = [f"after {_steps(k)}: {_three_digits(by[k]['mse'])}" for k in shown]
+    parts.append(f"after {_steps(s)}: {_three_digits(result['mse'])}{spread}.")
+    return f"{head}: MSE " + "; ".join(parts)
 
 
 def main(args) -> int:
+    from .termination import sigterm_raises
+
+    with sigterm_raises():  # SIGTERM ends eval with a message, as Ctrl-C does (eval.json is not written)
+        return _main(args)
+
+
+def _main(args) -> int:
     from .progress import Progress
 
     keep_freed_memory()
@@ -219,7 +273,15 @@ def main(args) -> int:
     if config["dataset"] == "omniglot" and config["shots"] + queries > 20:
         raise UserError(f"--queries {queries}: Omniglot has 20 drawings per character, shots ({config['shots']}) "
                         "+ queries must be <= 20")
-    ds = make_dataset(config, args.split, args.data, device, queries=queries, seed=seed, can_set=False)
+    data, remembered = args.data, None
+    if data is None and config["dataset"] != "sinusoid":  # the data folder the run trained on, if it says
+        data = remembered = run_info.data_folder(run_dir)
+    try:
+        ds = make_dataset(config, args.split, data, device, queries=queries, seed=seed, can_set=False)
+    except UserError as e:
+        if remembered is None:
+            raise
+        raise run_info.with_data_origin(e, remembered, run_dir) from None
     bar = Progress(episodes, desc=f"eval {config['config']}", enabled=not args.quiet)
     t0 = time.perf_counter()
     try:
@@ -235,6 +297,7 @@ def main(args) -> int:
     }
     if config["dataset"] != "sinusoid":
         out["ways"] = config["ways"]
+        out["data"] = run_info.user_data_folder(data, getattr(ds, "root", None), config["dataset"])
     out.update(result)
     out["ci"] = CI_NOTE
     out["seconds"] = round(time.perf_counter() - t0, 3)

@@ -38,12 +38,21 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(dest: Path, suffix: str = PART_SUFFIX) -> Iterator[BinaryIO]:
+def atomic_write(dest: Path, suffix: str = PART_SUFFIX, make_parent: bool = True) -> Iterator[BinaryIO]:
     """Open a temp file beside ``dest`` for writing; on a clean exit it is fsynced and renamed to
-    ``dest``; on any exception (including KeyboardInterrupt) it is deleted and ``dest`` is untouched."""
+    ``dest``; on any exception (including KeyboardInterrupt) it is deleted and ``dest`` is untouched.
+    ``make_parent``: create ``dest``'s folder when missing (else a missing folder is an error: a
+    checkpoint must not recreate a run folder deleted meanwhile). A failed rename (``dest`` is a
+    folder, ...) is reported under ``dest``'s name, not the temporary file's."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    if make_parent:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(dest)) from None
     try:
         with contextlib.suppress(OSError, AttributeError):  # mkstemp makes 0600; use the usual 0666 & ~umask
             os.fchmod(fd, 0o666 & ~_umask())
@@ -51,7 +60,12 @@ def atomic_write(dest: Path, suffix: str = PART_SUFFIX) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            if e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, str(dest)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

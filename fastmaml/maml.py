@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
@@ -17,8 +18,9 @@ from .engine import MEMORY_MODES, Engine, EngineResult
 from .functional import LossFn, TaskBatchedModel, batch_statistics, is_classification, task_accuracy, task_losses
 from .functional_api import GeneralEngine, adapt_with_graph, as_inputs, is_general, num_tasks, resolve_loss
 from .inner_lr import InnerLR
-from .layout import AdaptSpec, FlatLayout, check_unshared, select_adapted
+from .layout import AdaptSpec, FlatLayout, _is_batchnorm_param, check_unshared, select_adapted
 from .memory_budget import default_memory_budget
+from .param_record import ParamRecord
 from .reference import maml as reference
 from .step_context import inner_step, query_step
 
@@ -87,7 +89,8 @@ class MAML(nn.Module):
             differs by about 6%). Applies when ``adapt`` is None, to the parameters of every
             BatchNorm / InstanceNorm (``nn.modules.batchnorm._NormBase``) and ``PerStepBatchNorm``;
             an explicit ``adapt`` overrides it.
-        multi_step_weights: w_1..w_K of the multi-step loss (MAML++); default: only w_K = 1.
+        multi_step_weights: w_1..w_K of the multi-step loss (MAML++), finite numbers >= 0; default:
+            only w_K = 1.
         memory: 'store' (keep the K iterates, and the inner steps' HVP states within
             ``store_budget``) or 'recompute' (keep about sqrt(K) checkpoints and rerun the inner steps
             once in the reverse pass).
@@ -104,9 +107,10 @@ class MAML(nn.Module):
             None follows ``fastmaml.kernels.set_backend``.
         batching: how the engine runs the model on T tasks at once: 'auto' (the fused path when
             the model is made of supported layers and the loss is the built-in one, else the
-            generic path: loop on the CPU, vmap elsewhere), 'fused' (the project's task-batched
-            layer kernels with an analytic HVP; an error for an unsupported model), 'vmap' (one
-            batched computation over autograd) or 'loop' (task after task over autograd).
+            generic path: loop for convolutional models on the CPU, vmap otherwise), 'fused' (the
+            project's task-batched layer kernels with an analytic HVP; an error for an unsupported
+            model), 'vmap' (one batched computation over autograd) or 'loop' (task after task over
+            autograd).
             ``execution_path`` says which one runs, and for the generic path why.
         cuda_graph: record the engine's meta-step in a CUDA graph on its first call and replay it
             afterwards (``fastmaml/cuda_graph.py``): removes the CPU's launch overhead, which bounds
@@ -158,6 +162,12 @@ class MAML(nn.Module):
     Refused, with an error naming the module or argument (parameters and ``.grad`` unchanged):
 
     * a submodule or parameter registered under two names (tied weights), at construction;
+    * a model changed after construction, at every call (``meta_step``, ``adapt``, ``predict``,
+      ``learner(fast, x)``, ``evaluate``): a parameter replaced (a layer swapped for another), added,
+      removed or reshaped, or an adapted parameter frozen (``requires_grad_(False)``) / a frozen one
+      that would be adapted made trainable. Build a new learner (and optimizer) after such a change.
+      A ``requires_grad`` change of a parameter that is not adapted is followed instead: it gets a
+      meta-gradient, or none and no ``.grad``, as in a learner built after the change;
     * a module that draws random numbers in training mode (``Dropout`` with p > 0, ``RReLU``...), at
       ``meta_step`` and ``adapt``: the reverse pass recomputes support gradients, which would see
       other random masks than the inner steps did (and vmap refuses randomness), so the
@@ -228,7 +238,7 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.memory = memory
         self.backend = backend
-        self.multi_step_weights = None if multi_step_weights is None else [float(w) for w in multi_step_weights]
+        self.multi_step_weights = None if multi_step_weights is None else _check_weights(multi_step_weights)
         if self.multi_step_weights is not None and len(self.multi_step_weights) != inner_steps:
             raise ValueError(
                 f"multi_step_weights must have inner_steps={inner_steps} entries (w_1..w_K), "
@@ -251,6 +261,9 @@ class MAML(nn.Module):
         self._bn_recorder: Optional[bn_running.Recorder] = None
         self._out_features: Dict[Tuple, Tuple[int, ...]] = {}
         self._identity = _LearnerIdentity()
+        # the parameters it was built with, and those a learner built later would adapt once trainable
+        self._params_built = ParamRecord(model)
+        self._adapt_candidates = _adapt_candidates(model, adapt, adapt_bn)
 
     @property
     def adapted_names(self) -> Tuple[str, ...]:
@@ -350,6 +363,52 @@ class MAML(nn.Module):
             rec.apply()
 
     # -- checks --------------------------------------------------------------------------------
+    def _check_model(self, where: str) -> None:
+        """The model's parameters are those the learner was built with (``fastmaml/param_record.py``).
+
+        Refused (ValueError naming the parameter): a parameter replaced (its module swapped for
+        another), added, removed or reshaped, and a change of ``requires_grad`` that changes which
+        parameters the inner loop adapts (an adapted one frozen, or a frozen one made trainable that
+        a learner built now would adapt): the flat layout, the per-layer inner rates, the compiled
+        kernels and the optimizer all refer to the parameters of the construction. Followed: a
+        ``requires_grad`` change of a parameter the inner loop does not adapt (BatchNorm's affine
+        ones by default, ANIL's body): from this call on it gets a meta-gradient (or none, and no
+        ``.grad``) exactly as in a learner built after the change. Cost: one pass over
+        ``named_parameters()`` comparing identities, no tensor data read."""
+        current = list(self.model.named_parameters())
+        record = self._params_built
+        if record.same_as(current):
+            return
+        change = record.structure_change(current)
+        if change is not None:
+            raise ValueError(
+                f"{where}: the model changed after the learner was built: {change}. The learner's flat layout "
+                "of adapted parameters, its inner learning rates and its optimizer hold the parameters it was "
+                "built with; build a new learner (and optimizer) for the changed model")
+        frozen, thawed = record.trainable_change(current)
+        adapted = set(self.layout.names)
+        bad = [f"model.{n} is adapted by the inner loop but was frozen (requires_grad=False) after the learner "
+               "was built" for n in frozen if n in adapted]
+        bad += [f"model.{n} was frozen when the learner was built and is trainable now (a learner built now "
+                "would adapt it)" for n in thawed if n in self._adapt_candidates]
+        if bad:
+            raise ValueError(
+                f"{where}: {'; '.join(bad)}. Which parameters the inner loop adapts is fixed when the learner "
+                "is built (their flat layout and inner learning rates): set requires_grad back, or build a new "
+                "learner (and optimizer) after freezing")
+        self._trainable_changed()
+        self._params_built = ParamRecord(self.model)
+
+    def _trainable_changed(self) -> None:
+        """``requires_grad`` of a parameter that is not adapted changed: forget what depends on it (the
+        fused program's set of trainable parameters, recorded CUDA graphs, probed chunk sizes)."""
+        for eng in (self.engine, self.__dict__.get("_bn_eval_engine"), self.__dict__.get("_general")):
+            if eng is not None and eng.fused is not None:
+                eng.fused.forget_trainable()
+        self._graphs.clear()
+        self._graphed = None
+        self._auto_chunk.clear()
+
     def _weights(self, steps: int) -> Sequence[float]:
         if self.multi_step_weights is None:
             return [0.0] * (steps - 1) + [1.0]
@@ -522,6 +581,7 @@ class MAML(nn.Module):
         likewise. ``loss_fn(pred, target) -> scalar`` for one task (default: cross-entropy for
         int64 labels, mean squared error for float targets).
         """
+        self._check_model("meta_step")
         steps = self._steps(steps)
         weights = self._weights(steps)
         self._check_deterministic("meta_step")
@@ -627,6 +687,7 @@ class MAML(nn.Module):
         ``bn_stats="running"``, BatchNorm in training mode: the running statistics are updated with the
         support forwards at theta_0..theta_{K-1}, task after task (t-major, then k), when adapt
         succeeds; in evaluation mode the inner steps normalize with the running statistics."""
+        self._check_model("adapt")
         steps = self._steps(steps, least=0)
         self._check_deterministic("adapt")
         self._check_reference_eval("adapt")
@@ -699,6 +760,7 @@ class MAML(nn.Module):
         autograd (``torch.no_grad()``), the same as :meth:`predict`. ``bn_stats="running"``: as
         :meth:`predict` (running statistics in evaluation mode; in training mode this forward's batch
         statistics update them, task after task)."""
+        self._check_model("forward")
         self._check_fast(fast)
         x = as_inputs(x)
         T = fast.num_tasks
@@ -756,6 +818,7 @@ class MAML(nn.Module):
         ``bn_stats="running"``: BatchNorm in evaluation mode normalizes with its running statistics
         (on the generic path); in training mode with the batch's, per task, and the running
         statistics are updated with this forward's, task after task."""
+        self._check_model("predict")
         self._check_fast(fast)
         ref = self._reference_param()
         self._check_x("x", x, ref)
@@ -808,6 +871,7 @@ class MAML(nn.Module):
         ``bn_stats="running"``, BatchNorm in training mode: the running statistics are updated in the
         per-task order of ``meta_step`` (task t: support forwards at theta_0..theta_{K-1}, then the query
         forward), once both passes succeeded."""
+        self._check_model("evaluate")
         self._check_inputs((("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)),
                            loss_fn)
         with self._bn_updates():
@@ -979,6 +1043,47 @@ class _LearnerIdentity:
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_number(name: str, value, low: float = 0.0, low_open: bool = False, high: Optional[float] = None) -> float:
+    """``value`` as a float: a real number (Python, numpy, or a 0-d tensor; not a bool or a string),
+    finite, >= ``low`` (> with ``low_open``) and <= ``high``; else an error naming ``name``."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if v < low or (low_open and v == low) or (high is not None and v > high):
+        lo = f"({low:g}" if low_open else f"[{low:g}"
+        hi = f"{high:g}]" if high is not None else "inf)"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
+    return v
+
+
+def _check_weights(weights) -> List[float]:
+    """multi_step_weights as floats: each a finite number >= 0 (w_k weighs the query loss after step k)."""
+    items = None
+    if not isinstance(weights, (str, bytes)):
+        try:
+            items = list(weights)
+        except TypeError:
+            pass
+    if items is None:
+        raise TypeError(f"multi_step_weights must be a sequence of numbers (w_1..w_K), got {weights!r} "
+                        f"({type(weights).__name__})")
+    return [check_number(f"multi_step_weights[{i}]", w) for i, w in enumerate(items)]
+
+
+def _adapt_candidates(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> frozenset:
+    """Names of the parameters that the selection ``adapt`` / ``adapt_bn`` takes when trainable (frozen
+    ones included): what a learner built after a parameter is unfrozen would adapt."""
+    if adapt is None:
+        return frozenset(n for n, _ in model.named_parameters() if adapt_bn or not _is_batchnorm_param(model, n))
+    if callable(adapt):
+        return frozenset(n for n, p in model.named_parameters() if adapt(n, p))
+    return frozenset(adapt)
 
 
 def _clone(x):

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .configs import UserError
+from .evaluate import _positive_int  # one parser for a positive count, shared with `eval`
 
 COMMAND_HELP = "plot a run's learning curves (and, for sinusoid, the paper's Figure 2) as PNGs"
 
 
 def add_arguments(p) -> None:
     p.add_argument("run", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
-    p.add_argument("--tasks", type=int, default=3, help="sinusoid: how many held-out tasks to draw (default 3)")
+    p.add_argument("--tasks", type=_positive_int, default=3,
+                   help="sinusoid: how many held-out tasks to draw (default 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
@@ -46,8 +48,10 @@ def learning_curves(metrics: List[Dict[str, Any]], title: str, path: Path) -> Pa
     has_acc = any("accuracy" in m for m in train + val)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
     ax = axes[0][0]
+    # a curve of few points gets markers: a run with one training line still shows it
+    dots = dict(marker="o", ms=3) if len(train) <= 50 else {}
     if train:
-        ax.plot([m["iter"] for m in train], [m["loss"] for m in train], label="training (query loss)", lw=1)
+        ax.plot([m["iter"] for m in train], [m["loss"] for m in train], label="training (query loss)", lw=1, **dots)
     if val:
         _errorbars(ax, val, "loss", "loss_ci95", "validation")
     ax.set_xlabel("iteration")
@@ -60,7 +64,7 @@ def learning_curves(metrics: List[Dict[str, Any]], title: str, path: Path) -> Pa
         ax = axes[0][1]
         tr = [m for m in train if "accuracy" in m]
         if tr:
-            ax.plot([m["iter"] for m in tr], [100 * m["accuracy"] for m in tr], label="training", lw=1)
+            ax.plot([m["iter"] for m in tr], [100 * m["accuracy"] for m in tr], label="training", lw=1, **dots)
         va = [m for m in val if "accuracy" in m]
         if va:
             _errorbars(ax, va, "accuracy", "accuracy_ci95", "validation", scale=100)
@@ -161,6 +165,8 @@ def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
     from .checkpoint import FILENAME, PREV_FILENAME
     from .train import check_writable, read_json, read_metrics
 
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise UserError(f"--tasks {tasks}: expected a positive int (the held-out sinusoid tasks to draw)")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
     metrics_path = run_dir / "metrics.jsonl"
@@ -185,7 +191,7 @@ def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
     made = [learning_curves(metrics, name, out_dir / "learning_curves.png")]
     if config.get("dataset") == "sinusoid":
         if loaded is not None:
-            made.append(sinusoid_figure(run_dir, out_dir / "sinusoid.png", max(1, tasks), device, loaded))
+            made.append(sinusoid_figure(run_dir, out_dir / "sinusoid.png", tasks, device, loaded))
         result = read_json(run_dir / "eval.json")
         if result and "mse_by_step" in result:
             made.append(mse_by_step(result, out_dir / "mse_by_step.png"))
@@ -193,6 +199,9 @@ def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
 
 
 def main(args) -> int:
-    for p in plot_run(Path(args.run), args.tasks, args.device):
-        print(p)
+    from .termination import sigterm_raises
+
+    with sigterm_raises():  # SIGTERM ends plot with a message, as Ctrl-C does
+        for p in plot_run(Path(args.run), args.tasks, args.device):
+            print(p)
     return 0

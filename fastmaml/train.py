@@ -4,12 +4,15 @@ The run folder (default ``runs/<config>``) holds:
 
 * ``config.json``: the resolved config;
 * ``metrics.jsonl``: one JSON object per line: ``{"split": "train", "iter", "loss", "accuracy",
-  "tasks_per_s", "elapsed"}`` every ``log_every`` iterations (means over the iterations since the
+  "tasks_per_s", "elapsed"}`` every ``log_every`` iterations (a tenth of the run when it is shorter:
+  :func:`log_interval`) and at the last one (means over the iterations since the
   previous line) and ``{"split": "val", "iter", "loss", "loss_ci95", "accuracy", "accuracy_ci95",
   "steps", "episodes"}`` every ``val_every`` iterations (fixed validation episodes);
 * ``checkpoint.pt``: every ``checkpoint_every`` iterations and at the end (see :mod:`fastmaml.checkpoint`),
   and ``checkpoint.prev.pt``, the one before it, which ``--resume``, ``eval`` and ``plot`` fall back to
   (saying so) when the latest is damaged;
+* ``run.json``: the data folder the run reads (Omniglot, mini-ImageNet), which ``eval`` and ``--resume``
+  use when not given ``--data`` (:mod:`fastmaml.run_info`);
 * ``train.lock`` while a trainer runs: a second ``fastmaml train`` on the same folder is refused (the
   lock holds the owner's pid; a lock left by a dead process is taken over).
 
@@ -21,7 +24,11 @@ data folder, device, threads and ``--set`` of this run.
 Resuming (``--resume``) restores the model, the optimizer, the learnable inner learning rates, every
 RNG (torch, numpy, Python, the task sampler) and the metric accumulators, and drops the metric lines
 written after the checkpoint: a run killed at any moment and resumed ends bitwise identical to an
-uninterrupted one (same device, same software).
+uninterrupted one (same device, same software). Lines written before the checkpoint that are gone or
+damaged (each checkpoint records the file's size and hash, :mod:`fastmaml.metrics_file`) are reported
+on resume, and the damaged file is kept as ``metrics.jsonl.damaged-<time>``. The run folder deleted,
+moved or replaced during training (or its ``metrics.jsonl`` or ``config.json``) stops training with an
+error at the next metrics line or checkpoint, recreating nothing (:mod:`fastmaml.run_guard`).
 
 Iteration ``i`` (1-based) does, in order: sample a task batch, meta-step, (clip), Adam step; a metrics
 line; validation; the checkpoint. Validation runs under its own RNG fork and uses fixed episodes, so
@@ -41,18 +48,23 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
-import torch
-
-from . import checkpoint as ckpt_mod
-from . import configs, fsutil, models
+# torch, numpy and whatever imports them (fastmaml.checkpoint, fastmaml.models, the engine) are
+# imported in the functions that use them: `fastmaml train --help` and argument errors answer
+# without the seconds that importing torch takes (tests/test_cli_startup.py).
+from . import configs, fsutil, metrics_file, run_info
 from .configs import Config, UserError
+from .run_guard import RunFolderGuard
+
+if TYPE_CHECKING:
+    import torch
 
 COMMAND_HELP = "meta-train a config (writes RUN_DIR: config.json, metrics.jsonl, checkpoint.pt)"
 
-RUN_FILES = ("config.json", "metrics.jsonl", ckpt_mod.FILENAME, "eval.json", ckpt_mod.PREV_FILENAME)
+# checkpoint.FILENAME and checkpoint.PREV_FILENAME spelled out (fastmaml.checkpoint imports torch;
+# tests/test_cli_startup.py checks that they agree)
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "eval.json", "checkpoint.prev.pt", run_info.FILENAME)
 RUN_FOLDERS = ("plots",)
 
 
@@ -64,29 +76,34 @@ class TrainingError(UserError):
 
 def add_arguments(p) -> None:
     p.add_argument("config", help="a built-in config (see `fastmaml configs`) or a config .json file")
-    p.add_argument("--data", metavar="DIR", help="the data folder (holding omniglot/, miniimagenet/); "
-                   "default: $FASTMAML_DATA, then ~/.cache/fastmaml")
+    p.add_argument("--data", metavar="DIR", help="the data folder (holding omniglot/, miniimagenet/); default: "
+                   "with --resume the one the run trained on (RUN_DIR/run.json), else $FASTMAML_DATA, then "
+                   "~/.cache/fastmaml")
     p.add_argument("--out", metavar="RUN_DIR", help="the run folder (default: runs/<config>)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of the config, e.g. --set iterations=1000 seed=3")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
-                       help="continue the run in RUN_DIR from its checkpoint (start it if there is none)")
+                       help="continue the run in RUN_DIR from its checkpoint; start it if there is none, and do "
+                            "nothing if it is finished (so the same command can be run again)")
     group.add_argument("--force", action="store_true",
-                       help="delete the run in RUN_DIR (its config, metrics, checkpoint, eval, plots) and start over")
+                       help="delete the run in RUN_DIR (its config, metrics, checkpoints, eval, plots; it says so) "
+                            "and start over. Without --resume or --force, a folder holding a run is refused")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to train (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from . import distributed
+    from . import distributed_args
 
-    distributed.add_arguments(p)  # --nproc, --dist-timeout (issue 12)
+    distributed_args.add_arguments(p)  # --nproc, --dist-timeout (issue 12)
 
 
 # -- shared builders (also used by eval and plot) -----------------------------------------------------
 
 def resolve_device(name: Optional[str]) -> torch.device:
+    import torch
+
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -99,6 +116,8 @@ def set_threads(n: Optional[int]) -> None:
         return
     if n < 1:
         raise UserError(f"--threads {n}: expected a positive int")
+    import torch
+
     torch.set_num_threads(n)
 
 
@@ -132,6 +151,9 @@ def keep_freed_memory() -> bool:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -139,6 +161,9 @@ def seed_everything(seed: int) -> None:
 
 def build_learner(config: Config, device: torch.device):
     """The config's model (initialized from ``seed``) wrapped in ``fastmaml.MAML``, and Adam."""
+    import torch
+
+    from . import models
     from .maml import MAML
 
     if config["kernels"] != "auto":
@@ -244,6 +269,8 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    from . import checkpoint as ckpt_mod
+
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     ckpt_mod.atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
@@ -282,6 +309,8 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     (the resumed run goes on with their window), atomically."""
     keep = [m for m in read_metrics(path) if m["iter"] <= iteration and not m.get("partial")]
     text = "".join(json.dumps(m) + "\n" for m in keep)
+    from . import checkpoint as ckpt_mod
+
     ckpt_mod.atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
@@ -314,12 +343,16 @@ class _StopRequest:
 
 
 def main(args) -> int:
+    config = configs.resolve(args.config, args.overrides)  # first: a mistake there is reported at once
+    args.remembered_data = None
+    if args.data is None and args.resume:  # the data folder the run trained on (fastmaml/run_info.py)
+        args.data = args.remembered_data = run_info.data_folder(Path(args.out) if args.out
+                                                                else default_run_dir(config))
     from . import distributed
 
     keep_freed_memory()  # no page faults on the meta-step's large temporaries (see there)
     if distributed.wanted(args):  # --nproc N, or a rank started by torchrun: see fastmaml/distributed.py
         return distributed.train_main(args)
-    config = configs.resolve(args.config, args.overrides)
     device = resolve_device(args.device)
     set_threads(args.threads)
     run_dir = Path(args.out) if args.out else default_run_dir(config)
@@ -363,7 +396,7 @@ def _remove_made(made: List[Path]) -> None:
             return
 
 
-def resume_command(args, run_dir: Path, data_root: Optional[Path]) -> str:
+def resume_command(args, run_dir: Path, data_root: Optional[str]) -> str:
     """The command that continues this run, as it must be typed: the config, the folder, the data
     folder actually used (even when it came from $FASTMAML_DATA), the device, threads and --set."""
     parts = ["fastmaml", "train", args.config, "--out", str(run_dir)]
@@ -384,7 +417,14 @@ def resume_command(args, run_dir: Path, data_root: Optional[Path]) -> str:
 
 
 def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> int:
+    from . import checkpoint as ckpt_mod
+
     ckpt_path = run_dir / ckpt_mod.FILENAME
+    for name in RUN_FILES:  # e.g. a folder named checkpoint.pt: say so now, under its own name
+        entry = run_dir / name
+        if entry.exists() and not entry.is_file():
+            raise UserError(f"{entry} is not a file (a folder?) but training reads and writes its {name} there; "
+                            "remove or rename it, or use --out for another folder")
 
     # 1. Decide what to do with the run folder; read and check everything before writing anything.
     state = None
@@ -424,20 +464,27 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
         from . import distributed
 
         distributed.check_world_size(state, ckpt_path)
-    train_ds = make_dataset(config, "train", args.data, device)
-    val_ds = None
-    if config["val_every"] > 0:
-        val_ds = make_dataset(config, "val", args.data, device, queries=config["eval_queries"], seed=config["val_seed"])
+    try:
+        train_ds = make_dataset(config, "train", args.data, device)
+        val_ds = None
+        if config["val_every"] > 0:
+            val_ds = make_dataset(config, "val", args.data, device, queries=config["eval_queries"],
+                                  seed=config["val_seed"])
+    except UserError as e:
+        if getattr(args, "remembered_data", None) is None:
+            raise
+        raise run_info.with_data_origin(e, args.data, run_dir) from None
     if state is not None:
         try:
             train_ds.load_state_dict(state["rng"]["sampler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ckpt_mod.CheckpointError(f"checkpoint {ckpt_path}: the sampler state does not fit this data "
                                            f"({_first_line(e)}); it was not loaded") from None
-    data_root = getattr(train_ds, "root", None) if config["dataset"] != "sinusoid" else None
-    if data_root is None and args.data:
-        data_root = Path(args.data)
-    command = resume_command(args, run_dir, data_root)
+    # the data folder as the user named it (not the omniglot/ folder inside it): remembered in run.json
+    # and printed in the resume command
+    data_folder = run_info.user_data_folder(
+        args.data, getattr(train_ds, "root", None) if config["dataset"] != "sinusoid" else None, config["dataset"])
+    command = resume_command(args, run_dir, data_folder)
 
     # 2. Apply the checkpoint (everything was validated above) and set up the run folder.
     start = 0
@@ -450,6 +497,9 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
         start = state["iteration"]
         progress_state = state["progress"]
     if args.force and run_dir.exists():
+        if holds_run(run_dir):
+            print(f"fastmaml: --force: deleting the run in {run_dir} (its config, metrics, checkpoints, eval and "
+                  "plots) to start over", file=sys.stderr)
         for f in RUN_FILES:
             try:
                 (run_dir / f).unlink()
@@ -461,7 +511,13 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
     ckpt_mod.remove_stale_temporaries(run_dir)
     ckpt_mod.remove_stale_temporaries(run_dir, ckpt_mod.PREV_FILENAME)
     write_json(run_dir / "config.json", config)
-    truncate_metrics(run_dir / "metrics.jsonl", start)
+    if data_folder is not None:
+        run_info.record(run_dir, data_folder)
+    # the lines up to the checkpoint; damage to them is reported (and the damaged file kept), not dropped
+    note = metrics_file.prepare_resume(run_dir / "metrics.jsonl", start,
+                                       None if state is None else state["progress"].get("metrics"))
+    if note is not None:
+        print(f"fastmaml: warning: {note}", file=sys.stderr)
 
     from . import distributed
 
@@ -469,6 +525,14 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
         distributed.current().release(state)  # the other ranks start training from the same state
     return _loop(config, args, learner, opt, train_ds, val_ds, run_dir, start, progress_state, device, command,
                  keep_previous=not fell_back)
+
+
+def log_interval(config: Config) -> int:
+    """Iterations between two training lines: ``log_every``, or for a run of fewer iterations than
+    that, a tenth of the run (at least 1), so that a short run (``--set iterations=30`` of a config
+    that logs every 100) still draws a curve. The last iteration is always logged."""
+    every, iterations = config["log_every"], config["iterations"]
+    return every if iterations >= every else max(1, iterations // 10)
 
 
 def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config) -> None:
@@ -483,6 +547,7 @@ def _refuse_existing(run_dir: Path, old: Optional[Config], new: Config) -> None:
 
 def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: int, progress_state, device,
           command: str, keep_previous: bool = True) -> int:
+    from . import checkpoint as ckpt_mod
     from . import distributed
     from .progress import Progress
 
@@ -506,26 +571,47 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
         bar.write(f"resuming {run_dir} at iteration {start}/{iterations}")
     if writer and not args.quiet:  # which engine path runs, and for the generic one which module made it
         bar.write(f"engine path: {learner.execution_path}")
-    metrics = open(metrics_path if writer else os.devnull, "a")
+    log_every = log_interval(config)
+    if writer and not args.quiet and log_every != config["log_every"]:
+        bar.write(f"a training line every {log_every} iterations (log_every={config['log_every']} is more than "
+                  f"the run's {iterations} iterations)")
+    metrics = metrics_file.MetricsWriter(metrics_path if writer else None)
+    # the run folder deleted, moved or replaced meanwhile: stop rather than write into a deleted file
+    # or recreate a folder holding a checkpoint alone (checked before each line and each checkpoint)
+    guard = RunFolderGuard(run_dir, metrics_path, metrics.fileno(), run_dir / "config.json") if writer else None
+
+    def check_run_folder(it: int) -> None:
+        problem = guard.problem() if guard is not None else None
+        if problem is None:
+            return
+        if guard.folder_gone() or not ckpt_path.is_file():
+            fix = "nothing of this run is left to resume; start it again if you meant to keep it"
+        elif last_ckpt > 0:
+            fix = f"its last checkpoint (iteration {last_ckpt}) is still there: continue with {command}"
+        else:
+            fix = "no checkpoint was written yet: start it again (with --force)"
+        raise TrainingError(f"{problem} during training, at iteration {it}; training stopped without writing "
+                            f"anything more into {run_dir}: {fix}")
 
     def log(obj: Dict[str, Any]) -> None:
-        metrics.write(json.dumps(obj) + "\n")
-        metrics.flush()
+        check_run_folder(obj["iter"])
+        metrics.write(obj)
 
     rotate = [keep_previous]  # False only right after falling back from a damaged latest checkpoint
 
     def save(iteration: int) -> None:
         if not writer:
             return
-        metrics.flush()
-        os.fsync(metrics.fileno())
+        check_run_folder(iteration)
+        metrics.sync()
         keep, rotate[0] = rotate[0], True
         ckpt_mod.save(ckpt_path, keep_previous=keep, checkpoint={
             "format": ckpt_mod.FORMAT, "version": ckpt_mod.VERSION, "iteration": iteration,
             "config": dict(config), "model": learner.model.state_dict(),
             "inner_lr": learner.inner_lr.state_dict(), "optimizer": opt.state_dict(),
             "rng": ckpt_mod.capture_rng(train_ds.state_dict()),
-            "progress": {"elapsed": elapsed_before + time.perf_counter() - t0, "window": dict(window)},
+            "progress": {"elapsed": elapsed_before + time.perf_counter() - t0, "window": dict(window),
+                         "metrics": metrics.record()},
             "device": str(device), "world_size": distributed.world_size(),
         })
 
@@ -559,8 +645,10 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                 try:
                     out = learner.meta_step(sx, sy, qx, qy)
                 except FloatingPointError as e:
-                    raise TrainingError(f"training diverged at iteration {it}: {_first_line(e)}; the last "
-                                        f"checkpoint ({ckpt_path}, iteration {last_ckpt}) is intact") from None
+                    kept = (f"the last checkpoint ({ckpt_path}, iteration {last_ckpt}) is intact" if last_ckpt > 0
+                            else f"no checkpoint was written yet (the first is due at iteration "
+                                 f"{min(config['checkpoint_every'], iterations)}), so there is nothing to resume")
+                    raise TrainingError(f"training diverged at iteration {it}: {_first_line(e)}; {kept}") from None
                 if ddp is not None:  # one all-reduce: the meta-gradient of the whole meta-batch, global metrics
                     out = ddp.sync(learner, out, stop, it, train_ds)
                 if clip > 0:
@@ -574,7 +662,7 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
                 window["accuracy"] += acc if acc is not None else 0.0
                 window["count"] += 1
                 done = it
-                if it % config["log_every"] == 0 or it == iterations:
+                if it % log_every == 0 or it == iterations:
                     train_line(it)
                     logged = it
                     window_start = time.perf_counter()
@@ -600,7 +688,7 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
         if not finished and logged < done and window["count"] > 0 and not metrics.closed:
             try:
                 train_line(done, partial=True)  # training stopped (an error): its last metrics
-            except (OSError, ValueError):
+            except (OSError, ValueError, TrainingError):
                 pass
         metrics.close()
     bar.close()
@@ -613,14 +701,17 @@ def _loop(config, args, learner, opt, train_ds, val_ds, run_dir: Path, start: in
     if last_val:
         v = last_val[-1]
         if classification:
-            summary += f"; validation accuracy {100 * v['accuracy']:.2f}% ({config['test_steps']} steps)"
+            summary += f"; validation accuracy after {config['test_steps']} inner steps: {100 * v['accuracy']:.2f}%"
         else:
-            summary += f"; validation MSE {v['loss']:.4g} ({config['test_steps']} steps)"
+            mse = format(v["loss"], "#.3g").rstrip(".")  # 3.00, not 3
+            summary += f"; validation MSE after {config['test_steps']} inner steps: {mse}"
     print(summary)
     return 0
 
 
 def _validate(learner, val_ds, config: Config, it: int, classification: bool) -> Dict[str, Any]:
+    import torch
+
     from .evaluate import mean_ci95, run_episodes
 
     with torch.random.fork_rng(devices=[]):

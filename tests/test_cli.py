@@ -71,7 +71,7 @@ def trained(tmp_path_factory):
     """A sinusoid-tiny run trained to iteration 20 (checkpoints at 10 and 20)."""
     run = tmp_path_factory.mktemp("cli") / "run"
     rc = run_cli(*train_args("sinusoid-tiny", run, "iterations=20", "checkpoint_every=10", "val_every=10",
-                             "log_every=5", "val_episodes=4"))
+                             "log_every=5", "val_episodes=4", "test_steps=3"))
     assert rc == 0
     return run
 
@@ -129,7 +129,9 @@ def test_sinusoid_train_eval_plot(trained, capsys):
     capsys.readouterr()
     assert run_cli("eval", run, "--episodes", "30", "--quiet") == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "MSE after 3 steps" in out[0] and "95% CI, 30 tasks" in out[0]
+    assert len(out) == 1 and out[0].startswith("sinusoid-tiny (iteration 20, test split): MSE after 0 inner steps: ")
+    assert "; after 1 inner step: " in out[0] and "; after 3 inner steps: " in out[0]
+    assert out[0].endswith(" (95% CI over 30 tasks).")
     result = json.loads((run / "eval.json").read_text())
     assert result["episodes"] == 30 and result["steps"] == 3 and result["iteration"] == 20
     assert [r["steps"] for r in result["mse_by_step"]] == [0, 1, 2, 3]
@@ -157,9 +159,9 @@ def test_omniglot_tiny_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("eval", run, "--episodes", "4", "--steps", "2", "--quiet") == 0
     out = capsys.readouterr().out
-    assert "accuracy" in out and "95% CI, 4 episodes, 2 inner steps" in out
+    assert "accuracy after 2 inner steps: " in out and "% (95% CI over 4 episodes)." in out
     result = json.loads((run / "eval.json").read_text())
-    assert result["ways"] == 5 and result["queries"] == 2 and 0 <= result["accuracy"] <= 1
+    assert result["ways"] == 5 and result["queries"] == 5 and 0 <= result["accuracy"] <= 1
     assert run_cli("plot", run) == 0
     assert (run / "plots" / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -228,7 +230,7 @@ def test_resume_with_a_different_config_shows_the_differences(trained, capsys):
         capsys, run_cli(*train_args("sinusoid-tiny", trained, "inner_lr=0.02", "meta_batch=8", "iterations=40"),
                         "--resume"),
         "different config", "inner_lr: 0.01 (checkpoint) vs 0.02 (requested)",
-        "meta_batch: 4 (checkpoint) vs 8 (requested)")
+        "meta_batch: 25 (checkpoint) vs 8 (requested)")
     assert "iterations" not in line  # may change on resume
     assert snapshot(trained) == before
 
@@ -239,7 +241,8 @@ def test_folder_holding_another_run_is_refused(trained, capsys):
                       "already holds a different run", "config: sinusoid-tiny (there) vs omniglot-tiny (requested)",
                       "--force")
     assert_user_error(capsys, run_cli(*train_args("sinusoid-tiny", trained, "iterations=20", "checkpoint_every=10",
-                                                  "val_every=10", "log_every=5", "val_episodes=4")),
+                                                  "val_every=10", "log_every=5", "val_episodes=4",
+                                                  "test_steps=3")),
                       "already holds a run of this config", "--resume", "--force")
     assert snapshot(trained) == before
 

@@ -103,8 +103,8 @@ def test_task_slice():
 
 def test_nproc_checks_before_starting_anything(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", "sinusoid-tiny", "--out", str(out), "--nproc", "5"]) == 2
-    assert "meta_batch=4 tasks cannot be shared by 5 processes" in capsys.readouterr().err
+    assert cli.main(["train", "sinusoid-tiny", "--out", str(out), "--nproc", "26"]) == 2
+    assert "meta_batch=25 tasks cannot be shared by 26 processes" in capsys.readouterr().err
     assert cli.main(["train", "sinusoid-tiny", "--out", str(out), "--nproc", "0"]) == 2
     assert "--nproc 0: expected a positive int" in capsys.readouterr().err
     assert cli.main(["train", "reptile-sinusoid", "--out", str(out), "--nproc", "2"]) == 2

@@ -3,13 +3,15 @@ times are stated, every path it names exists, the benchmark tables live in docs/
 it says what is guaranteed on bad input and faults."""
 
 import glob
+import json
+import os
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from test_cli import PNG_MAGIC, run_cli
+from test_cli import PNG_MAGIC, metrics, run_cli, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -50,12 +52,52 @@ def test_the_first_command_is_a_short_run_and_the_full_runs_times_are_stated():
     assert "H100" in text and "--set iterations=N" in text
 
 
-def test_the_first_commands_work_as_printed(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cmds = fastmaml_commands(first_code_block(section(README, "Install and run")))
+def run_as_printed(cmds):
     for argv in cmds:
         assert run_cli(*argv, *(["--quiet"] if argv[0] in ("train", "eval") else [])) == 0, argv
-    assert (tmp_path / "runs" / "sinusoid-tiny" / "plots" / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_first_commands_work_as_printed_learn_and_run_again(tmp_path, monkeypatch, capsys):
+    """Issue 24, items 2 and 3: the README's line runs twice as printed (the second time the run is
+    left as it is), and the smoke run visibly learns."""
+    monkeypatch.chdir(tmp_path)
+    cmds = fastmaml_commands(first_code_block(section(README, "Install and run")))
+    run_as_printed(cmds)
+    run = tmp_path / "runs" / "sinusoid-tiny"
+    assert (run / "plots" / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
+    train = [m["loss"] for m in metrics(run) if m["split"] == "train"]
+    val = [m["loss"] for m in metrics(run) if m["split"] == "val"]
+    assert len(train) >= 20 and len(val) >= 5
+    assert train[-1] < train[0] / 4 and val[-1] < val[0] / 3, (train, val)  # the MSE falls several-fold
+    by_step = [r["mse"] for r in json.loads((run / "eval.json").read_text())["mse_by_step"]]
+    assert by_step[-1] < by_step[1] < by_step[0] / 2 and by_step[-1] < by_step[0] / 8, by_step
+    out = capsys.readouterr().out
+    assert "MSE after 0 inner steps: " in out and "(95% CI over 600 tasks)." in out
+
+    trained = snapshot(run)
+    run_as_printed(cmds)  # again, as a user pressing the up arrow would
+    assert "is already trained to iteration 1000" in capsys.readouterr().out
+    again = snapshot(run)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.json"):
+        assert again[name] == trained[name], name  # the finished run is left as it is
+
+
+def test_the_omniglot_smoke_commands_work_as_printed_and_learn(tmp_path, monkeypatch):
+    data = os.environ.get("FASTMAML_DATA")
+    if not data or not (Path(data) / "omniglot").is_dir():
+        pytest.skip("FASTMAML_DATA is unset: set it to the folder holding omniglot/ (e.g. /work/shared/data)")
+    block = re.findall(r"```bash\n(fastmaml train omniglot-tiny.*?)```", section(README, "Install and run"), re.S)
+    assert len(block) == 1
+    cmds = fastmaml_commands(block[0].replace("../shared/data", os.path.abspath(data)))
+    assert [c[0] for c in cmds] == ["train", "eval"] and "--data" not in cmds[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTMAML_DATA")  # eval finds the data through the run folder alone
+    run_as_printed(cmds)
+    run = tmp_path / "runs" / "omniglot-tiny"
+    train = [m for m in metrics(run) if m["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] / 2.5 and train[-1]["accuracy"] > 0.7, train
+    assert json.loads((run / "eval.json").read_text())["accuracy"] > 0.7
+    run_as_printed(cmds)  # and again
 
 
 def _named_paths(text):
@@ -90,9 +132,14 @@ def test_adapt_comment_says_what_it_returns():
     assert "FastWeights" in line and ".flat [T, P]" in line
 
 
-def test_command_line_lists_the_tiny_configs_and_threads():
+def test_command_line_lists_every_config_and_threads():
+    from fastmaml import configs
+
     text = section(README, "Command line")
-    assert "sinusoid-tiny" in text and "omniglot-tiny" in text and "--threads N" in text
+    named = {name for p in re.findall(r"`([\w{},-]+)`", text) for name in _expand(p)}
+    named |= {n + "-fo" for n in named}  # "each with a first-order `-fo` variant"
+    assert set(configs.names()) <= named, sorted(set(configs.names()) - named)
+    assert "`fastmaml configs`" in text and "--threads N" in text
 
 
 def test_benchmark_tables_moved_to_docs_and_a_speed_summary_stays():

@@ -117,10 +117,25 @@ class ANIL(MAML):
         self.head_engine = Engine(head_mod, self.head_layout, self.inner_lr, kernels, batching)
         # autograd over the head for the reverse pass: vmap (batched matmuls) wins for small heads
         self._head_batched = TaskBatchedModel(head_mod, self.head_layout, "vmap")
-        body_names = [n for n, p in body.named_parameters() if p.requires_grad]
-        self.body_layout = FlatLayout.of(body, body_names) if body_names else None
-        self._body_batched = (TaskBatchedModel(body, self.body_layout, "auto" if batching in ("auto", "fused")
-                                               else batching) if body_names else None)
+        # a head parameter frozen at construction would be adapted by an ANIL built once it is trainable
+        head_all = {id(p) for p in head_mod.parameters()}
+        self._adapt_candidates = frozenset(n for n, p in model.named_parameters() if id(p) in head_all)
+        self._body_batching = "auto" if batching in ("auto", "fused") else batching
+        self._build_body()
+
+    def _build_body(self) -> None:
+        """The body's layout over its trainable parameters (None when it has none) and its batched
+        model; rebuilt when a body parameter's ``requires_grad`` changes (``MAML._check_model``)."""
+        body_names = [n for n, p in self.body.named_parameters() if p.requires_grad]
+        self.body_layout = FlatLayout.of(self.body, body_names) if body_names else None
+        self._body_batched = (TaskBatchedModel(self.body, self.body_layout, self._body_batching)
+                              if body_names else None)
+
+    def _trainable_changed(self) -> None:
+        super()._trainable_changed()
+        if self.head_engine.fused is not None:
+            self.head_engine.fused.forget_trainable()
+        self._build_body()
 
     # -- the body ------------------------------------------------------------------------------
     def features(self, x: Tensor, body_flat: Optional[Tensor] = None) -> Tensor:
@@ -140,6 +155,7 @@ class ANIL(MAML):
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   loss_fn=None, steps: Optional[int] = None) -> MetaStepOutput:
         """One ANIL meta-gradient for a batch of tasks, added to ``.grad`` (see the module docstring)."""
+        self._check_model("meta_step")
         steps = self._steps(steps)
         self._check_deterministic("meta_step")
         self._check_inputs((("support_x", support_x, "support_y", support_y),

@@ -114,8 +114,8 @@ class IMAML(MAML):
                              f"got {lam!r}")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
             raise ValueError(f"iMAML: cg_steps (conjugate-gradient iterations) must be an int >= 1, got {cg_steps!r}")
-        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not cg_tol >= 0:
-            raise ValueError(f"iMAML: cg_tol must be a number >= 0, got {cg_tol!r}")
+        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < math.inf:
+            raise ValueError(f"iMAML: cg_tol must be a finite number >= 0, got {cg_tol!r}")
         if cg_kernels not in (None,) + cg_kernels_module().CG_BACKENDS:
             raise ValueError(f"cg_kernels must be one of {', '.join(cg_kernels_module().CG_BACKENDS)}, "
                              f"got {cg_kernels!r}")
@@ -152,6 +152,7 @@ class IMAML(MAML):
         if create_graph:
             raise ValueError("IMAML.adapt(create_graph=True) is not offered: iMAML's meta-gradient is implicit "
                              "(use meta_step)")
+        self._check_model("adapt")
         steps = self._steps(steps, least=0)
         self._check_inputs((("support_x", support_x, "support_y", support_y),), loss_fn)
         with torch.no_grad():
@@ -222,6 +223,7 @@ class IMAML(MAML):
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   loss_fn=None, steps: Optional[int] = None) -> MetaStepOutput:
         """The implicit meta-gradient of a task batch, added to ``.grad`` (see the module docstring)."""
+        self._check_model("meta_step")
         steps = self._steps(steps)
         self._check_deterministic("meta_step")
         self._check_inputs((("support_x", support_x, "support_y", support_y),

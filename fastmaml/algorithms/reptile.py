@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import kernels as kernel_ops
 from ..functional import is_classification, task_accuracy, task_losses
-from ..maml import MAML, MetaStepOutput, _accumulate
+from ..maml import MAML, MetaStepOutput, _accumulate, check_number
 
 __all__ = ["Reptile", "VARIANTS"]
 
@@ -65,8 +65,11 @@ class Reptile(MAML):
         if inner_data not in INNER_DATA:
             raise ValueError(f"inner_data must be one of {', '.join(INNER_DATA)}, got {inner_data!r}")
         if variant == "serial":
-            if outer_lr is None or not (0.0 < float(outer_lr) <= 1.0):
-                raise ValueError(f"variant='serial' needs outer_lr (eps) in (0, 1], got {outer_lr!r}")
+            if outer_lr is None:
+                raise ValueError("variant='serial' needs outer_lr (eps) in (0, 1], got None")
+            outer_lr = check_number("outer_lr (eps, the serial variant's meta step size)", outer_lr, 0.0, True, 1.0)
+        elif outer_lr is not None:
+            outer_lr = check_number("outer_lr (eps, the meta step size)", outer_lr, 0.0, True)
         if inner_batch is not None and (not isinstance(inner_batch, int) or isinstance(inner_batch, bool)
                                         or inner_batch < 1):
             raise ValueError(f"inner_batch must be None or an int >= 1, got {inner_batch!r}")
@@ -79,9 +82,7 @@ class Reptile(MAML):
 
     def set_outer_lr(self, outer_lr: float) -> None:
         """The serial variant's eps (e.g. from a schedule); keep it equal to the outer SGD's lr."""
-        if not 0.0 < float(outer_lr) <= 1.0:
-            raise ValueError(f"outer_lr must be in (0, 1], got {outer_lr!r}")
-        self.outer_lr = float(outer_lr)
+        self.outer_lr = check_number("outer_lr (eps)", outer_lr, 0.0, True, 1.0)
 
     # -- the task-batched inner SGD ------------------------------------------------------------
     def inner_sgd(self, theta0: Tensor, x: Tensor, y: Tensor, steps: int, loss_fn=None,
@@ -119,6 +120,7 @@ class Reptile(MAML):
                   loss_fn=None, steps: Optional[int] = None) -> MetaStepOutput:
         """One Reptile meta-update direction, added to ``.grad`` (see the module docstring).
         Reports the query loss (and accuracy) of every task after its inner loop."""
+        self._check_model("meta_step")
         steps = self._steps(steps)
         self._check_deterministic("meta_step")
         self._check_inputs((("support_x", support_x, "support_y", support_y),

@@ -58,8 +58,9 @@ def find_data_dir(root, split: str) -> Path:
     for c in candidates:
         if has_split(c, split):
             return c
+    unset = "$FASTMAML_DATA is unset" if root is None and paths.env_data_dir() is None else ""
     raise paths.DataNotFound(
-        "mini-ImageNet", f"mini-imagenet-cache-{split}.pkl or images/ + {split}.csv", candidates, "",
+        "mini-ImageNet", f"mini-imagenet-cache-{split}.pkl or images/ + {split}.csv", candidates, unset,
         "pass root=DIR or set FASTMAML_DATA=DIR (the folder holding miniimagenet/); it is not downloaded automatically")
 
 

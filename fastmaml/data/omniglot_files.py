@@ -73,6 +73,8 @@ def find_data_dir(root, download: bool) -> Path:
     if partial:
         lacking = [f"{p}.zip" for p in PARTS if part_source(partial[0], p) is None]
         detail = f"{partial[0]} lacks {' and '.join(lacking)}"
+    if root is None and paths.env_data_dir() is None:  # why only the default folder was looked in
+        detail = "; ".join(filter(None, [detail, "$FASTMAML_DATA is unset"]))
     raise paths.DataNotFound(
         "Omniglot", "images_background.zip and images_evaluation.zip (or their extracted folders)",
         candidates, detail, "pass root=DIR, set FASTMAML_DATA=DIR (the folder holding omniglot/), or download=True")
