@@ -1,6 +1,6 @@
 """Mutation check: plant representative bugs one at a time and report which tests catch each.
 
-    python bench/mutation_check.py                 # every mutant (about 20 min on 2 cores)
+    python bench/mutation_check.py                 # every mutant (about 70 min on 2 cores: 12 rebuild the extension)
     python bench/mutation_check.py --only lslr_rate_off_by_one cpp_segment_dot_col_stride
     python bench/mutation_check.py --list          # the mutants and the tests each one runs
 
@@ -14,7 +14,8 @@ and .md; ``--only`` updates just those mutants' entries in an existing report.
 
 Adding a mutant for new code: append a ``Mutant`` to ``MUTANTS`` (``old`` must occur exactly once in
 ``path``; a mutant whose ``old`` text is gone is reported as ``stale``, so refactors show up) and list
-the tests that should catch it in ``tests`` (pytest arguments: files, node ids, ``-k`` expressions).
+the tests that should catch it in ``tests`` (pytest arguments: files, node ids, ``-k`` expressions;
+a listed test file the copy does not have is left out of the run and recorded as ``tests_missing``).
 The target is every mutant ``caught``.
 """
 
@@ -53,6 +54,16 @@ EVAL_TESTS = ["tests/test_evaluate_values.py", "tests/test_engine.py", "tests/te
 CKPT_TESTS = ["tests/test_checkpoint.py", "tests/test_cli.py"]
 BN_TESTS = ["tests/test_bn_running.py"]
 FUSED_TESTS = ["tests/test_fused_engine.py"]
+# The fused path's layer kernels (issue 21): each backend's kernel tests against the reference, the
+# engine on the fused path against the per-task oracle, the focused tests that closed this check's
+# gaps, and the combinatorial grammar of fused models (each file is run when the copy has it).
+FUSED_GAPS = ["tests/test_fused_mutant_gaps.py"]
+FUSED_GRAMMAR = ["tests/test_fused_grammar.py"]
+CPP_LAYER_TESTS = ["tests/test_layers_cpp.py", "tests/test_fused_engine.py"] + FUSED_GAPS + FUSED_GRAMMAR
+TRITON_LAYER_TESTS = ["tests/test_layers_triton.py",
+                      "tests/test_fused_engine.py::test_layer_kernel_backends_inside_the_engine",
+                      "tests/test_mutation_gaps.py::test_triton_kernels_inside_the_engine"] + FUSED_GAPS + FUSED_GRAMMAR
+RUNNER_TESTS = ["tests/test_fused_engine.py"] + FUSED_GAPS + FUSED_GRAMMAR
 
 
 @dataclass
@@ -167,9 +178,113 @@ MUTANTS: List[Mutant] = [
     Mutant("bn_running_momentum_power", "API", "fastmaml/bn_running.py",
            "a0 = (1.0 - mom) ** F", "a0 = (1.0 - mom) ** (F - 1)",
            BN_TESTS, "the running statistics decay one update too little per call"),
+    # -- issue 21: the fused path's layer kernels, every pass of every layer family ----------------
+    # C++ (csrc/layers.cpp; the BatchNorm block's kernels in csrc/layers_bn.inc, built twice:
+    # baseline and AVX-512)
+    Mutant("cpp_conv_forward_bias_of_first_task", "fused layers (C++)", "csrc/layers.cpp",
+           "hb ? b[t] : Tensor()", "hb ? b[0] : Tensor()",
+           CPP_LAYER_TESTS, "conv forward (C++): every task adds task 0's bias (the adapted biases ignored)"),
+    Mutant("cpp_conv_wgrad_drops_last_example", "fused layers (C++)", "csrc/layers.cpp",
+           "for (int64_t n = 1; n < N; ++n) dwt.addmm_(dyt[n], cols[n].t());",
+           "for (int64_t n = 1; n < N - 1; ++n) dwt.addmm_(dyt[n], cols[n].t());",
+           CPP_LAYER_TESTS, "conv backward (C++): the weight gradient misses each task's last example"),
+    Mutant("cpp_conv_wgrad_stride_as_dilation", "fused layers (C++)", "csrc/layers.cpp",
+           "at::im2col(x[t], {kh, kw}, {1, 1}, {padding, padding},\n"
+           "                                         {stride, stride});",
+           "at::im2col(x[t], {kh, kw}, {stride, stride}, {padding, padding},\n"
+           "                                         {1, 1});",
+           CPP_LAYER_TESTS, "conv backward (C++): im2col's dilation and stride swapped (wrong at stride 2 only)"),
+    Mutant("cpp_bn_items_skip_last", "fused layers (C++)", "csrc/layers_bn.inc",
+           "const int64_t items = g.T * g.C;", "const int64_t items = g.T * g.C - 1;",
+           CPP_LAYER_TESTS, "BatchNorm block (C++, all four passes): the last task's last channel never computed"),
+    Mutant("cpp_bn_sum_row_tail_short", "fused layers (C++)", "csrc/layers_bn.inc",
+           "for (int l = 0; j < n; ++j, ++l) acc[l] += static_cast<double>(z[j]);",
+           "for (int l = 0; j + 1 < n; ++j, ++l) acc[l] += static_cast<double>(z[j]);",
+           CPP_LAYER_TESTS, "BatchNorm forward (C++): the mean's remainder loop (H*W mod 8) drops its last element"),
+    Mutant("cpp_avx512_double_tail_mask_short", "fused layers (C++)", "csrc/layers_bn.inc",
+           "n >= L ? M(0xFF) : M((1u << n) - 1u)", "n >= L ? M(0xFF) : M((1u << (n - 1)) - 1u)",
+           CPP_LAYER_TESTS, "BatchNorm block (C++ AVX-512 build, float64): a vector tail's mask one lane short"),
+    Mutant("cpp_bn_backward_k1_uses_dbeta", "fused layers (C++)", "csrc/layers_bn.inc",
+           "const S k1 = static_cast<S>(static_cast<double>(ga) * sdg * Minv);",
+           "const S k1 = static_cast<S>(static_cast<double>(ga) * sdb * Minv);",
+           CPP_LAYER_TESTS, "BatchNorm backward (C++): dz's xh term scaled by sum da instead of sum da xh"),
+    Mutant("cpp_bn_rforward_unpooled_drops_ubeta", "fused layers (C++)", "csrc/layers_bn.inc",
+           "const S ra = ga * rxh + ug * xh + ub;", "const S ra = ga * rxh + ug * xh;",
+           CPP_LAYER_TESTS, "BatchNorm R-forward (C++, no pool; baseline build pooled too): the shift's "
+           "direction dropped"),
+    Mutant("cpp_bn_rbackward_k3_drops_ugamma", "fused layers (C++)", "csrc/layers_bn.inc",
+           "(gad * s4 + ugd * s2 + gad * s5) * Minv", "(gad * s4 + gad * s5) * Minv",
+           CPP_LAYER_TESTS, "BatchNorm R-backward (C++): mean(R{dxh} xh) misses the scale direction's u_gamma S2"),
+    # Triton (fastmaml/triton/layers.py; run by the interpreter on the CPU)
+    Mutant("triton_conv_cin1_bias_task_stride", "fused layers (Triton)", "fastmaml/triton/layers.py",
+           "bv = tl.load(b_ptr + t.to(tl.int64) * O + o,", "bv = tl.load(b_ptr + o,",
+           TRITON_LAYER_TESTS, "one-channel conv forward (Triton): every task adds task 0's bias"),
+    Mutant("triton_conv_cin1_wgrad_split_rows_overlap", "fused layers (Triton)", "fastmaml/triton/layers.py",
+           "row = pid.to(tl.int64) * SPLIT + s", "row = pid.to(tl.int64) + s",
+           TRITON_LAYER_TESTS, "one-channel conv weight gradient (Triton): pixel chunks (SPLIT > 1, the GPU's path) "
+           "written to overlapping workspace rows"),
+    Mutant("triton_bn_forward_var_drops_shift", "fused layers (Triton)", "fastmaml/triton/layers.py",
+           "var = tl.maximum(tl.sum(s2, axis=0) / Mf - dm * dm, 0.0)", "var = tl.maximum(tl.sum(s2, axis=0) / Mf, 0.0)",
+           TRITON_LAYER_TESTS, "BatchNorm forward (Triton): the shifted variance misses -(mean - K)^2 (wrong when a "
+           "channel spans several blocks)"),
+    Mutant("triton_bn_window_grad_odd_row", "fused layers (Triton)", "fastmaml/triton/layers.py",
+           "inwin = m & (ho < Ho) & (wo < Wo)", "inwin = m & (wo < Wo)",
+           TRITON_LAYER_TESTS, "BatchNorm backward (Triton, pooled): a dropped odd last row takes a neighbour's "
+           "gradient"),
+    Mutant("triton_bn_rforward_argmax_row_col_swapped", "fused layers (Triton)", "fastmaml/triton/layers.py",
+           "(2 * ho + p // 2) * W + 2 * wo + p % 2", "(2 * ho + p % 2) * W + 2 * wo + p // 2",
+           TRITON_LAYER_TESTS, "BatchNorm R-forward (Triton, pooled): the argmax's row and column bits swapped"),
+    Mutant("triton_bn_rbackward_mean_rdxh_drops_ugamma", "fused layers (Triton)", "fastmaml/triton/layers.py",
+           "mean_rdxh = (g * S3 + ug * S1) / Mf", "mean_rdxh = g * S3 / Mf",
+           TRITON_LAYER_TESTS, "BatchNorm R-backward (Triton): mean R{dxh} misses the scale direction's u_gamma S1"),
+    # the runner (fastmaml/layers/runner.py): the passes of the layers it runs with the reference
+    # kernels (Linear, standalone activation and max-pool, losses) and its R-operator wiring
+    Mutant("runner_conv_rforward_drops_bias_direction", "fused path (runner)", "fastmaml/layers/runner.py",
+           "torch.cat([w, uw], dim=2), ub,", "torch.cat([w, uw], dim=2), None,",
+           RUNNER_TESTS, "conv R-forward: the stacked convolution (R{x} and u_w) forgets the bias direction u_b"),
+    Mutant("runner_conv_rbias_needs_rx", "fused path (runner)", "fastmaml/layers/runner.py",
+           "if want_b and rd is not None:\n                    rdb = rd.sum(dim=(1, 3, 4))",
+           "if want_b and rd is not None and rx is not None:\n                    rdb = rd.sum(dim=(1, 3, 4))",
+           RUNNER_TESTS, "conv R-backward: no bias R-gradient where the input has no R-part (the first layer)"),
+    Mutant("runner_linear_shared_weight_grad_dropped", "fused path (runner)", "fastmaml/layers/runner.py",
+           "put(node.weight if want_w and out is None else None, dw)",
+           "put(node.weight if want_w and out is not None else None, dw)",
+           RUNNER_TESTS, "Linear backward: a shared (not adapted) weight's gradient is dropped"),
+    Mutant("runner_linear_rforward_drops_bias_direction", "fused path (runner)", "fastmaml/layers/runner.py",
+           'r = R.linear_rforward(s["x"], r, params[node.weight], uw, ub)',
+           'r = R.linear_rforward(s["x"], r, params[node.weight], uw, None)',
+           RUNNER_TESTS, "Linear R-forward: the bias direction u_b dropped"),
+    Mutant("runner_linear_rbackward_drops_uw", "fused path (runner)", "fastmaml/layers/runner.py",
+           "U.get(node.weight), need_dx, want_b, dw_out=out)", "None, need_dx, want_b, dw_out=out)",
+           RUNNER_TESTS, "Linear R-backward: R{dx} misses dy u_w"),
+    Mutant("runner_act_rforward_ignores_slope", "fused path (runner)", "fastmaml/layers/runner.py",
+           'r = None if r is None else R.act_backward(r, s["x"], node.slope)',
+           'r = None if r is None else R.act_backward(r, s["x"], 0.0)',
+           RUNNER_TESTS, "standalone activation R-forward: a LeakyReLU's R-pass uses ReLU's derivative"),
+    Mutant("runner_act_rbackward_no_mask", "fused path (runner)", "fastmaml/layers/runner.py",
+           'rd = None if rd is None else R.act_backward(rd, s["x"], node.slope)',
+           "rd = rd  # act'' = 0: nothing to add",
+           RUNNER_TESTS, "standalone activation R-backward: R{dy} passed through without act'(x)"),
+    Mutant("runner_maxpool_backward_hw_swapped", "fused path (runner)", "fastmaml/layers/runner.py",
+           'd = R.maxpool_scatter(d, s["idx"], s["shape"][-2], s["shape"][-1])',
+           'd = R.maxpool_scatter(d, s["idx"], s["shape"][-1], s["shape"][-2])',
+           RUNNER_TESTS, "standalone max-pool backward: height and width swapped (wrong on non-square maps)"),
+    Mutant("runner_maxpool_rforward_pools_r", "fused path (runner)", "fastmaml/layers/runner.py",
+           'r = None if r is None else R.maxpool_gather(r, s["idx"])',
+           "r = None if r is None else R.maxpool_forward(r)[0]",
+           RUNNER_TESTS, "standalone max-pool R-forward: max-pools R{x} instead of taking it at the forward's argmax"),
+    Mutant("runner_ce_keeps_logits", "fused path (runner)", "fastmaml/layers/runner.py",
+           'return "ce", losses, d, p', 'return "ce", losses, d, pred',
+           RUNNER_TESTS, "cross-entropy forward: the HVP's softmax Hessian built from the logits, not the "
+           "probabilities"),
+    Mutant("runner_mse_rbackward_unscaled", "fused path (runner)", "fastmaml/layers/runner.py",
+           "else R.mse_rbackward(state.loss_saved, r, state.scale))",
+           "else R.mse_rbackward(state.loss_saved, r, 1.0))",
+           RUNNER_TESTS, "MSE R-backward: the HVP ignores the loss's seed (latent: the engine seeds its support "
+           "passes with 1; FusedModel.hvp after grad(scale=s) is s times off)"),
 ]
 
-CPP_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp")
+CPP_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp", ".inc")  # .inc: csrc/layers_bn.inc
 
 
 # -- mechanics -------------------------------------------------------------------------------------
@@ -221,7 +336,8 @@ def build_extension(copy: Path, env: Dict[str, str], log: Path) -> bool:
 
 
 def check_import(copy: Path, env: Dict[str, str]) -> None:
-    rc, out, _ = sh([sys.executable, "-c", "import fastmaml, fastmaml._C; print(fastmaml.__file__); "
+    # torch first: it loads libc10 & co. that fastmaml._C links to (importing fastmaml no longer imports torch)
+    rc, out, _ = sh([sys.executable, "-c", "import torch, fastmaml, fastmaml._C; print(fastmaml.__file__); "
                      "print(fastmaml._C.__file__)"], copy, env, 300)
     paths = out.split()
     if rc != 0 or not paths or not all(p.startswith(str(copy)) for p in paths[-2:]):
@@ -253,6 +369,21 @@ def run_pytest(copy: Path, env: Dict[str, str], args: Sequence[str], tag: str, t
     return failed, counts, secs, rc
 
 
+def present_tests(tests: Sequence[str], copy: Path):
+    """(the pytest arguments whose test files the copy has, the test files it lacks). A mutant may
+    list a test file that is not written yet (or not committed, without --worktree): pytest would
+    stop with "file not found", which would count as catching the mutant."""
+    args: List[str] = []
+    missing: List[str] = []
+    for i, a in enumerate(tests):
+        is_path = not a.startswith("-") and not (i > 0 and tests[i - 1] in ("-k", "-m"))
+        if is_path and not (copy / a.split("::", 1)[0]).exists():
+            missing.append(a)
+        else:
+            args.append(a)
+    return args, missing
+
+
 def diff_of(m: Mutant, text: str) -> str:
     after = text.replace(m.old, m.new, 1)
     return "".join(difflib.unified_diff(text.splitlines(True), after.splitlines(True), f"a/{m.path}",
@@ -281,7 +412,10 @@ def check_mutant(m: Mutant, base: Path, work: Path, threads: int, timeout: float
                 entry.update(status="caught", caught_by=["<the extension no longer compiles>"])
                 return entry
         check_import(copy, env)
-        failed, counts, secs, rc = run_pytest(copy, env, m.tests, "mutant", timeout)
+        args, missing = present_tests(m.tests, copy)
+        if missing:
+            entry["tests_missing"] = missing
+        failed, counts, secs, rc = run_pytest(copy, env, args, "mutant", timeout)
         entry.update(tests_run=counts["tests"], tests_failed=counts["failed"], pytest_seconds=round(secs, 1))
         real = [f for f in failed if not f.startswith("<")]
         confirmed = real
@@ -314,19 +448,26 @@ def write_report(entries: List[Dict], meta: Dict) -> None:
         "",
         f"`python bench/mutation_check.py` ({meta['source']}, {meta['date']}, torch {meta['torch']}, "
         f"{meta['machine']}). Each mutant is one planted edit in a temporary copy of the repository; a test",
-        "counts as catching it when it fails with the mutant and passes without it.",
+        "counts as catching it when it fails with the mutant and passes without it. Seconds: the mutant's",
+        "whole check (copy, rebuild of the extension for a C++ edit, its tests, the rerun of the failing",
+        "tests without the mutant).",
         "",
         f"**{summary['caught']} of {summary['total']} caught**, {summary['survived']} survived, "
         f"{summary['stale']} stale.",
         "",
-        "| mutant | area | file | issue 15's six | status | tests failing / run | catching tests (first 3) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mutant | area | file | issue 15's six | status | tests failing / run | seconds | catching tests per file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in entries:
-        first = ", ".join(f"`{c.split('::', 1)[-1]}`" for c in e.get("caught_by", [])[:3])
+        per_file: Dict[str, int] = {}
+        for c in e.get("caught_by", []):
+            name = c.split("::", 1)[0].rsplit("/", 1)[-1]
+            per_file[name] = per_file.get(name, 0) + 1
+        files = ", ".join(f"`{f}` {n}" for f, n in per_file.items())
         ran = f"{len(e.get('caught_by', []))} / {e.get('tests_run', '-')}"
+        secs = f"{e['seconds']:.0f}" if "seconds" in e else "-"
         lines.append(f"| {e['name']} | {e['area']} | `{e['path']}` | {'yes' if e.get('issue15') else ''} | "
-                     f"{e['status']} | {ran} | {first} |")
+                     f"{e['status']} | {ran} | {secs} | {files} |")
     lines += ["", "## The planted edits", ""]
     for e in entries:
         lines += [f"### {e['name']}", "", e["bug"] + ".", ""]
@@ -392,6 +533,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             entries[m.name] = e
             print(f"    {e['status']}: {len(e.get('caught_by', []))} catching tests of {e.get('tests_run', '-')} "
                   f"({e.get('seconds', 0):.0f} s)", flush=True)
+            if e.get("tests_missing"):
+                print(f"    (not in the copy, not run: {', '.join(e['tests_missing'])})", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
