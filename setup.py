@@ -175,7 +175,12 @@ def _extensions():
     print(f"fastmaml: building fastmaml._C ({'CPU + CUDA' if use_cuda else 'CPU'}) against torch "
           f"{torch.__version__}")
 
-    _show_ninja_progress(cpp_extension)
+    if cpp_extension.is_ninja_available():
+        _show_ninja_progress(cpp_extension)
+    else:
+        _progress_stream().write(
+            "fastmaml: ninja is not installed, so the C++ extension's units compile one after the other "
+            "without progress lines (pip install ninja: parallel, with a line per unit)\n")
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
     class BuildExtensionOrWarn(base):
