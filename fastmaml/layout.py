@@ -26,6 +26,18 @@ def _is_batchnorm_param(module: nn.Module, name: str) -> bool:
     return isinstance(owner, (nn.modules.batchnorm._NormBase, PerStepBatchNorm))
 
 
+def matching_adapt(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool,
+                   named: Sequence[Tuple[str, nn.Parameter]]) -> List[str]:
+    """The names among ``named`` (name, parameter) pairs that the selection ``adapt`` / ``adapt_bn``
+    takes, in their order: the rule of :func:`select_adapted`, without its checks."""
+    if adapt is None:
+        return [n for n, _ in named if adapt_bn or not _is_batchnorm_param(model, n)]
+    if callable(adapt):
+        return [n for n, p in named if adapt(n, p)]
+    wanted = set(adapt)
+    return [n for n, _ in named if n in wanted]
+
+
 def select_adapted(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> List[str]:
     """Names of the parameters the inner loop adapts.
 
@@ -35,18 +47,14 @@ def select_adapted(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> List[s
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
-    if adapt is None:
-        chosen = [n for n in names if adapt_bn or not _is_batchnorm_param(model, n)]
-    elif callable(adapt):
-        chosen = [n for n, p in named if adapt(n, p)]
-    else:
-        wanted = list(adapt)
+    if adapt is not None and not callable(adapt):
         if isinstance(adapt, str):
             raise TypeError("adapt must be a list of parameter names or a predicate, got a str; wrap it in a list")
-        unknown = [n for n in wanted if n not in names]
+        adapt = list(adapt)
+        unknown = [n for n in adapt if n not in names]
         if unknown:
             raise ValueError(f"adapt names unknown or frozen parameters {unknown}; trainable parameters are {names}")
-        chosen = [n for n in names if n in set(wanted)]
+    chosen = matching_adapt(model, adapt, adapt_bn, named)
     if not chosen:
         raise ValueError("adapt selects no parameter: the inner loop would adapt nothing")
     return chosen

@@ -18,7 +18,7 @@ from .engine import MEMORY_MODES, Engine, EngineResult
 from .functional import LossFn, TaskBatchedModel, batch_statistics, is_classification, task_accuracy, task_losses
 from .functional_api import GeneralEngine, adapt_with_graph, as_inputs, is_general, num_tasks, resolve_loss
 from .inner_lr import InnerLR
-from .layout import AdaptSpec, FlatLayout, _is_batchnorm_param, check_unshared, select_adapted
+from .layout import AdaptSpec, FlatLayout, check_unshared, matching_adapt, select_adapted
 from .memory_budget import default_memory_budget
 from .param_record import ParamRecord
 from .reference import maml as reference
@@ -1079,11 +1079,7 @@ def _check_weights(weights) -> List[float]:
 def _adapt_candidates(model: nn.Module, adapt: AdaptSpec, adapt_bn: bool) -> frozenset:
     """Names of the parameters that the selection ``adapt`` / ``adapt_bn`` takes when trainable (frozen
     ones included): what a learner built after a parameter is unfrozen would adapt."""
-    if adapt is None:
-        return frozenset(n for n, _ in model.named_parameters() if adapt_bn or not _is_batchnorm_param(model, n))
-    if callable(adapt):
-        return frozenset(n for n, p in model.named_parameters() if adapt(n, p))
-    return frozenset(adapt)
+    return frozenset(matching_adapt(model, adapt, adapt_bn, list(model.named_parameters())))
 
 
 def _clone(x):
