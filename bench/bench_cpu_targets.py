@@ -67,8 +67,8 @@ def gemm_gflops(threads: int, n: int = 1024, repeats: int = 7) -> float:
 def fused_flops(workload: str, T: int, K: int) -> int:
     """FLOPs of the convolutions and linear layers of one fused meta-step, from the kernel calls."""
     import fastmaml
-    import fastmaml.layers as L
-    from fastmaml.layers import reference as R
+    import fastmaml.layers.backends as L
+    from fastmaml.layers import linear as R  # the Linear's torch kernels (their bmm calls are counted)
     from bench_meta_step import WORKLOADS, build
 
     count = [0]

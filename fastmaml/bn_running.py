@@ -192,7 +192,7 @@ class FusedStatistics:
             for j, i in self.pairs:
                 # the kernel's per-task mean [T, C]; the variance by a second pass over z (a plain
                 # var_mean over dims (1, 3, 4) of this layout is 3x slower on the CPU)
-                z, mean = saved[j]["z"], saved[j]["mean"]
+                z, mean = saved[j].z, saved[j].mean
                 n = z.shape[1] * z.shape[3] * z.shape[4]
                 var = (z - mean[:, None, :, None, None]).pow(2).sum(dim=(1, 3, 4)) / (n - 1)
                 out.append((i, mean, var))

@@ -219,7 +219,7 @@ TRITON_CASES = triton_sample(N_TRITON)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[f"seed{c.seed}" for c in TRITON_CASES])
 def test_fused_path_matches_oracle_triton(case: G.Case) -> None:
     # not skipped when Triton is installed but its kernels fail the one-time probe against the
-    # reference (fastmaml.layers._triton_on): layer_kernels raises, and says why
+    # reference (fastmaml.layers.backends._triton_on): layer_kernels raises, and says why
     layer_kernels(torch.device("cpu"), "triton")
     check_case(case, ["triton"])
 

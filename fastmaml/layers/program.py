@@ -1,6 +1,7 @@
 """Which models the fused path runs: a model compiled into a straight list of layer nodes.
 
-A model is supported when it is an ``nn.Sequential`` (nested ones too) of the layers below, or the
+The node classes live with their layer families (:mod:`.conv`, :mod:`.batchnorm`, ...), each
+owning its four passes; this module only maps modules to nodes. A model is supported when it is an ``nn.Sequential`` (nested ones too) of the layers below, or the
 project's :class:`fastmaml.models.Conv4`:
 
 ===========================  ==================================================================
@@ -29,56 +30,17 @@ autograd), in one line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 from torch import nn
 
 from ..models import Conv4, PerStepBatchNorm
-
-
-@dataclass(frozen=True)
-class Conv:
-    weight: str
-    bias: Optional[str]
-    stride: int
-    padding: int
-
-
-@dataclass(frozen=True)
-class BatchNormBlock:
-    weight: Optional[str]  # None: BatchNorm without affine parameters
-    bias: Optional[str]
-    eps: float
-    slope: float  # 0: ReLU, a LeakyReLU's negative slope, 1: no activation
-    pool: int     # 0: none, 2: MaxPool2d(2)
-    steps: int = 0  # 0: one weight set [C]; S >= 1: PerStepBatchNorm, weight/bias [S, C], row per step
-
-
-@dataclass(frozen=True)
-class Act:
-    slope: float
-
-
-@dataclass(frozen=True)
-class MaxPool:
-    pass
-
-
-@dataclass(frozen=True)
-class GlobalMean:
-    keepdim: bool
-
-
-@dataclass(frozen=True)
-class Flatten:
-    pass
-
-
-@dataclass(frozen=True)
-class Linear:
-    weight: str
-    bias: Optional[str]
+from .activation import Act
+from .batchnorm import BatchNormBlock
+from .conv import Conv
+from .linear import Linear
+from .node import param_names
+from .pooling import Flatten, GlobalMean, MaxPool
 
 
 Node = Union[Conv, BatchNormBlock, Act, MaxPool, GlobalMean, Flatten, Linear]
@@ -188,4 +150,4 @@ def compile_model(model: nn.Module) -> List[Node]:
 
 
 def params_of(node: Node) -> Tuple[str, ...]:
-    return tuple(n for n in (getattr(node, "weight", None), getattr(node, "bias", None)) if n is not None)
+    return param_names(node)
