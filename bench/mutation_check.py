@@ -145,7 +145,7 @@ MUTANTS: List[Mutant] = [
            "d_lr = torch.neg(ops.segment_dot(_fit(dout, grad), grad, lr, segments))",
            "d_lr = ops.segment_dot(_fit(dout, grad), grad, lr, segments)",
            PY_OP_TESTS, "autograd through the compiled inner_update gives the rate gradient with the wrong sign"),
-    Mutant("reference_ops_reverse_step_ignores_w", "fused op (Python)", "fastmaml/reference/ops.py",
+    Mutant("reference_ops_reverse_step_ignores_w", "fused op (Python)", "fastmaml/kernels/flat_torch.py",
            "        out = out + w * gq\n", "        out = out + gq\n",
            PY_OP_TESTS, "the pure-PyTorch reverse_step ignores the weight w of the query gradient"),
     Mutant("cpp_inner_update_scalar_tail", "fused op (C++)", "csrc/ops.cpp",

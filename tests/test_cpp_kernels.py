@@ -1,4 +1,4 @@
-"""Smoke test of the C++ CPU kernels of ``fastmaml._C`` against ``fastmaml.reference.ops``.
+"""Smoke test of the C++ CPU kernels of ``fastmaml._C`` against ``fastmaml.kernels.flat_torch``.
 
 Calls ``torch.ops.fastmaml.*`` directly (no Python validation in between), so it also checks the
 C++ argument checks. The full cross-backend suite lives elsewhere; this one stays small.
@@ -12,7 +12,7 @@ import torch
 
 _C = pytest.importorskip("fastmaml._C", reason="the C++ extension fastmaml._C is not built")
 
-from fastmaml.reference import ops as ref  # noqa: E402
+from fastmaml.kernels import flat_torch as ref  # noqa: E402
 
 ops = torch.ops.fastmaml
 

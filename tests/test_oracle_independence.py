@@ -29,7 +29,7 @@ import fastmaml
 from fastmaml.inner_lr import InnerLR
 from fastmaml.layout import FlatLayout, select_adapted
 from fastmaml.reference import maml as reference
-from fastmaml.reference import ops as ref_ops
+from fastmaml.kernels import flat_torch as ref_ops
 from helpers import (LR_MODES, classification_batch, conv_bn, grads_of, mlp, rate_table, regression_batch,
                      rel_err, set_random_rates)
 
@@ -59,6 +59,28 @@ def test_reference_imports_no_engine_helper():
     assert all(m.split(".")[0] in ("__future__", "contextlib", "dataclasses", "typing", "torch") or m in carriers
                for m in imported), imported
 
+
+
+def test_reference_package_holds_only_the_oracle():
+    """fastmaml/reference/ is the oracle (maml.py) and nothing the fast paths run: the torch
+    implementations of the ops moved to fastmaml/kernels/ (flat_torch.py, cg_torch.py) and the
+    layers' to their families in fastmaml/layers/; the old module names there are aliases of the new
+    modules (the same module objects), with no code of their own."""
+    import importlib
+
+    from fastmaml.kernels import cg_torch, flat_torch
+
+    files = {p.name for p in (REPO / "fastmaml" / "reference").glob("*.py")}
+    assert files == {"__init__.py", "maml.py", "ops.py", "cg_ops.py"}, files
+    assert importlib.import_module("fastmaml.reference.ops") is flat_torch
+    assert importlib.import_module("fastmaml.reference.cg_ops") is cg_torch
+    for alias in ("ops.py", "cg_ops.py"):
+        tree = ast.parse((REPO / "fastmaml" / "reference" / alias).read_text())
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree)), alias
+    # and the oracle's own imports: nothing from the fast paths (checked above), nor the layers
+    tree = ast.parse((REPO / "fastmaml" / "reference" / "maml.py").read_text())
+    mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any("layers" in m.split(".") for m in mods), mods
 
 # -- BatchNorm: hand-written per-task normalization --------------------------------------------------
 

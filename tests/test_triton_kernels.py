@@ -1,4 +1,4 @@
-"""The Triton kernels (fastmaml/triton/ops.py) against the reference ops (fastmaml/reference/ops.py).
+"""The Triton kernels (fastmaml/triton/ops.py) against the torch ops (fastmaml/kernels/flat_torch.py).
 
 Without CUDA the kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1, set
 below before triton is imported). With CUDA they run on the GPU; run with TRITON_INTERPRET=0
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
-from fastmaml.reference import ops as ref  # noqa: E402
+from fastmaml.kernels import flat_torch as ref  # noqa: E402
 from fastmaml.triton import ops as tops  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,7 @@ import torch
 import fastmaml.kernels as K
 from fastmaml.layout import FlatLayout
 from fastmaml.models import conv4
-from fastmaml.reference import ops as ref
+from fastmaml.kernels import flat_torch as ref
 
 T = 32
 BACKENDS = ("torch", "cpp", "cuda", "triton")

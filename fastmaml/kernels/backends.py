@@ -5,13 +5,14 @@ Backends:
 =========  ==========================================  =====================================
 name       implementation                              runs on
 =========  ==========================================  =====================================
-torch      ``fastmaml.reference.ops`` (plain PyTorch)  any device
+torch      ``fastmaml.kernels.flat_torch``           any device
 cpp        ``torch.ops.fastmaml`` from ``fastmaml._C``  CPU tensors
 cuda       ``torch.ops.fastmaml`` from ``fastmaml._C``  CUDA tensors (a CUDA build of the extension)
 triton     ``torch.ops.fastmaml_triton``               CUDA tensors; CPU under TRITON_INTERPRET=1
 =========  ==========================================  =====================================
 
-Each optional piece is probed once, on first use; ``auto`` quietly takes the fastest one available
+Each optional piece is probed once, on first use (the extension by :mod:`.extension`, the one probe
+that the CG ops (:mod:`.cg`) and the layer ops (``fastmaml.layers.cpp``) use too); ``auto`` quietly takes the fastest one available
 for the tensors' device (CPU: cpp, else torch; CUDA: cuda, else triton, else torch), while a backend
 asked for by name that cannot run raises an error that says why.
 """
@@ -25,7 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..reference import ops as reference_ops
+from . import extension, flat_torch
 from .registry import register_family
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -36,18 +37,12 @@ _selected: Optional[str] = None
 
 
 def _probe_extension() -> Tuple[bool, str]:
-    if os.environ.get("FASTMAML_NO_EXT") == "1":
-        reason = "FASTMAML_NO_EXT=1 is set"
-    else:
-        try:
-            import fastmaml._C  # noqa: F401  (loading it registers torch.ops.fastmaml)
-
-            register_family("fastmaml", None)
-            return True, "compiled extension fastmaml._C"
-        except ImportError as e:
-            reason = f"the C++ extension fastmaml._C is not built or failed to load ({e})"
-    # The op namespace exists on every install: without the extension, its kernels are the reference.
-    register_family("fastmaml", reference_ops)
+    loaded, reason = extension.load()
+    if loaded:
+        register_family("fastmaml", None)
+        return True, reason
+    # The op namespace exists on every install: without the extension, its kernels are the torch ones.
+    register_family("fastmaml", flat_torch)
     return False, reason
 
 
@@ -153,7 +148,7 @@ def resolve(device: torch.device, name: Optional[str] = None) -> str:
 def implementation(backend: str) -> ModuleType:
     """The object whose attributes are the four ops for a concrete backend."""
     if backend == "torch":
-        return reference_ops
+        return flat_torch
     if backend in ("cpp", "cuda"):
         probe("cpp")
         return torch.ops.fastmaml

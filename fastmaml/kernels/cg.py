@@ -2,9 +2,9 @@
 
 ``cg_step(x, r, p, Ap, alpha) -> (x + alpha p, r - alpha Ap, ||r_new||^2 per task)`` and
 ``cg_direction(r, p, beta) -> r + beta p`` over [T, P], with [T] coefficients (see
-:mod:`fastmaml.reference.cg_ops` for the semantics). Backends: ``cpp`` (the C++ CPU kernels of
+:mod:`fastmaml.kernels.cg_torch` for the semantics). Backends: ``cpp`` (the C++ CPU kernels of
 ``fastmaml._C``, ``csrc/cg_ops.cpp``), ``triton`` (:mod:`fastmaml.triton.cg_ops`; auto on CUDA
-tensors, on the CPU only under ``TRITON_INTERPRET=1``) and ``torch`` (the reference; also what the op
+tensors, on the CPU only under ``TRITON_INTERPRET=1``) and ``torch`` (:mod:`.cg_torch`; also what the op
 namespace runs on other devices, or when the extension is not built). The ops have fake kernels (``torch.compile``,
 ``opcheck``); they are not differentiable (CG runs outside autograd).
 """
@@ -18,14 +18,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import cg_ops as reference
+from . import cg_torch as reference
+from . import extension
+from .schemas import CG_SCHEMAS
 
 __all__ = ["CG_SCHEMAS", "cg_step", "cg_direction", "cg_backend", "CG_BACKENDS"]
 
-CG_SCHEMAS = {
-    "cg_step": "cg_step(Tensor x, Tensor r, Tensor p, Tensor Ap, Tensor alpha) -> (Tensor, Tensor, Tensor)",
-    "cg_direction": "cg_direction(Tensor r, Tensor p, Tensor beta) -> Tensor",
-}
 CG_BACKENDS = ("auto", "torch", "cpp", "triton")
 
 _lock = threading.Lock()
@@ -37,14 +35,7 @@ def _setup() -> bool:
     with _lock:
         if _state["compiled"] is not None:
             return _state["compiled"]
-        compiled = False
-        if os.environ.get("FASTMAML_NO_EXT") != "1":
-            try:
-                import fastmaml._C  # noqa: F401
-
-                compiled = torch._C._dispatch_has_kernel_for_dispatch_key("fastmaml_cg::cg_step", "CPU")
-            except (ImportError, RuntimeError):
-                compiled = False
+        compiled = extension.load()[0] and not extension.missing_kernels("fastmaml_cg", ("cg_step",), "CPU")
         if compiled:
             lib = torch.library.Library("fastmaml_cg", "FRAGMENT")
             for key in ("CUDA",):

@@ -1,7 +1,14 @@
-"""The schemas of the ``torch.ops.fastmaml`` ops.
+"""The schemas of the ops Python defines when the extension does not: one table per op namespace.
 
-The C++ extension (``csrc/ops.cpp``) defines the same strings with ``TORCH_LIBRARY(fastmaml, m)``;
-when it is not built, Python defines them from here. A test checks that the two agree.
+* ``torch.ops.fastmaml`` flat-layout ops (``SCHEMAS``): the C++ extension (``csrc/ops.cpp``) defines
+  the same strings with ``TORCH_LIBRARY(fastmaml, m)``; when it is not built, Python defines them
+  from here (:mod:`.registry`). A test checks that the two agree.
+* ``torch.ops.fastmaml_cg`` CG ops (``CG_SCHEMAS``): likewise (``csrc/cg_ops.cpp``; :mod:`.cg`).
+* The layer ops of ``torch.ops.fastmaml`` (``conv2d_tasks``, ``bn_act_pool_*``) exist only in the
+  extension (without it the layer kernels run their torch implementations directly); their fake
+  kernels are declared by their families (``CPP_OPS`` in fastmaml/layers/conv.py, batchnorm.py).
+
+``TABLE``: namespace -> op name -> schema, every schema Python may define.
 """
 
 SCHEMAS = {
@@ -13,3 +20,10 @@ SCHEMAS = {
         " -> (Tensor, Tensor)"
     ),
 }
+
+CG_SCHEMAS = {
+    "cg_step": "cg_step(Tensor x, Tensor r, Tensor p, Tensor Ap, Tensor alpha) -> (Tensor, Tensor, Tensor)",
+    "cg_direction": "cg_direction(Tensor r, Tensor p, Tensor beta) -> Tensor",
+}
+
+TABLE = {"fastmaml": SCHEMAS, "fastmaml_cg": CG_SCHEMAS}

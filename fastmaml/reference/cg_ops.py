@@ -1,26 +1,8 @@
-"""Reference (plain PyTorch) of the batched conjugate-gradient vector updates (implicit MAML).
+"""Alias: the torch implementation of the CG ops moved to :mod:`fastmaml.kernels.cg_torch`
+(``fastmaml.reference`` holds only the MAML oracle, :mod:`fastmaml.reference.maml`)."""
 
-T systems, one per task, are rows of [T, P] buffers; ``alpha`` and ``beta`` are [T] (0 for a task
-whose system has converged: its ``x`` and ``r`` then stay as they are).
+import sys
 
-* ``cg_step(x, r, p, Ap, alpha) -> (x + alpha p, r - alpha Ap, ||r_new||^2 per row)``
-* ``cg_direction(r, p, beta) -> r + beta p``
+from ..kernels import cg_torch
 
-The C++ kernels (``csrc/cg_ops.cpp``) must match these.
-"""
-
-from __future__ import annotations
-
-from typing import Tuple
-
-from torch import Tensor
-
-
-def cg_step(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    a = alpha[:, None]
-    r_new = r - a * Ap
-    return x + a * p, r_new, (r_new * r_new).sum(1)
-
-
-def cg_direction(r: Tensor, p: Tensor, beta: Tensor) -> Tensor:
-    return r + beta[:, None] * p
+sys.modules[__name__] = cg_torch
