@@ -69,6 +69,7 @@ def fused_flops(workload: str, T: int, K: int) -> int:
     import fastmaml
     import fastmaml.layers.backends as L
     from fastmaml.layers import linear as R  # the Linear's torch kernels (their bmm calls are counted)
+    from fastmaml.layers.runner import FusedModel
     from bench_meta_step import WORKLOADS, build
 
     count = [0]
@@ -104,7 +105,9 @@ def fused_flops(workload: str, T: int, K: int) -> int:
     model, batch = build(workload, T, "cpu")
     learner = fastmaml.MAML(model, inner_lr=WORKLOADS[workload]["inner_lr"], inner_steps=K, adapt_bn=True,
                             batching="fused")
-    learner.engine._fused_for = lambda device: setattr(learner.engine.fused, "kernels", ns) or learner.engine.fused
+    runner = learner.engine.runner  # the fused runner, on the counting kernels for every device
+    counting = FusedModel(runner.model, runner.layout, runner.nodes, ns)
+    runner.model_on = lambda device: counting
     R.torch = type("T", (), {"bmm": staticmethod(bmm), "baddbmm": staticmethod(baddbmm_c),
                              "__getattr__": lambda self, k: getattr(torch, k)})()
     try:

@@ -4,7 +4,7 @@ Prints and writes (JSON, ``profile_<impl>_<workload>_<device>.json``):
   * wall time per step, and on CUDA the summed kernel time per step and the number of kernel
     launches: when kernels keep the GPU busy for only a fraction of the wall time, the step is bound
     by the CPU that launches them (what ``MAML(cuda_graph=True)`` removes);
-  * the engine's phases (``record_function`` ranges in fastmaml/engine.py): support gradients (the
+  * the engine's phases (``record_function`` ranges in fastmaml/engine/engine.py): support gradients (the
     inner forward and backward), the Hessian-vector products (double backward), the query gradients;
   * time by kind of operator (convolution, BatchNorm, matmul, pooling, elementwise, fused fastmaml
     ops, copies, ...), self time, device time on CUDA and CPU time on the CPU;

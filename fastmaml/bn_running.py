@@ -148,42 +148,42 @@ def pass_statistics(batched: TaskBatchedModel, bns: Sequence[_BatchNorm], flat: 
 
 
 class FusedStatistics:
-    """The statistics pass on the engine's fused path: ``(flat, x, step)`` -> the same list as
-    :func:`pass_statistics`, from one task-batched forward on the fused layer kernels (the engine's
-    ``FusedModel``; its saved BatchNorm inputs ``z`` [T, N, C, H, W]). :meth:`of` returns None when the
-    model's compiled program cannot be matched to its BatchNorm modules (then the generic pass runs)."""
+    """The statistics pass on the engine's fused runner: ``(flat, x, step)`` -> the same list as
+    :func:`pass_statistics`, from one task-batched forward on the fused layer kernels (the runner's
+    ``FusedModel``; its saved BatchNorm inputs ``z`` [T, N, C, H, W]). :meth:`of` returns None for
+    another runner, or when the model's compiled program cannot be matched to its BatchNorm modules
+    (then the generic pass runs)."""
 
-    def __init__(self, engine, pairs: List[Tuple[int, int]]) -> None:
-        self.engine = engine
+    def __init__(self, runner, pairs: List[Tuple[int, int]]) -> None:
+        self.runner = runner
         self.pairs = pairs  # (node index, index into bns), in call order
 
     @classmethod
-    def of(cls, engine, bns: Sequence[_BatchNorm]) -> Optional["FusedStatistics"]:
-        fused = getattr(engine, "fused", None)
-        if fused is None:
+    def of(cls, runner, bns: Sequence[_BatchNorm]) -> Optional["FusedStatistics"]:
+        if getattr(runner, "kind", None) != "fused":
             return None
         from .layers.program import BatchNormBlock
         from .models import PerStepBatchNorm
 
-        blocks = [j for j, n in enumerate(fused.nodes) if isinstance(n, BatchNormBlock)]
-        mods = [(n, m) for n, m in engine.model.named_modules()
+        blocks = [j for j, n in enumerate(runner.nodes) if isinstance(n, BatchNormBlock)]
+        mods = [(n, m) for n, m in runner.model.named_modules()
                 if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, PerStepBatchNorm))]
         if len(blocks) != len(mods):
             return None
         index = {id(m): i for i, m in enumerate(bns)}
         pairs = []
         for j, (name, m) in zip(blocks, mods):
-            node = fused.nodes[j]
+            node = runner.nodes[j]
             if node.weight is not None and node.weight != (f"{name}.weight" if name else "weight"):
                 return None
             if (node.steps > 0) != isinstance(m, PerStepBatchNorm):
                 return None
             if id(m) in index:
                 pairs.append((j, index[id(m)]))
-        return cls(engine, pairs)
+        return cls(runner, pairs)
 
     def __call__(self, flat: Tensor, x: Tensor, step: int) -> List[Tuple[int, Tensor, Tensor]]:
-        fused = self.engine._fused_for(x.device)
+        fused = self.runner.model_on(x.device)
         if flat.dim() == 1:
             flat = flat.expand(x.shape[0], -1)
         with torch.no_grad():
@@ -207,11 +207,11 @@ class Recorder:
     (task, recording order within the task): the per-task loop's order when each task's passes are
     recorded in the loop's order (``observer`` does that for the engine's inner loop)."""
 
-    def __init__(self, batched: TaskBatchedModel, bns: Sequence[_BatchNorm], engine=None) -> None:
+    def __init__(self, batched: TaskBatchedModel, bns: Sequence[_BatchNorm], runner=None) -> None:
         self.batched = batched
         self.bns = list(bns)
-        # the engine's fused path, when it runs this model with batch statistics (no BatchNorm in eval)
-        self.fused = FusedStatistics.of(engine, self.bns) if engine is not None else None
+        # the engine's fused runner, when the call runs on it (batch statistics: no BatchNorm in eval)
+        self.fused = FusedStatistics.of(runner, self.bns) if runner is not None else None
         # (first task, number of tasks, sequence number, the pass's statistics)
         self.passes: List[Tuple[int, int, int, List[Tuple[int, Tensor, Tensor]]]] = []
         self.applied = False

@@ -273,3 +273,15 @@ def test_nan_inputs_are_refused_in_meta_step(classifier):
     bad[0, 1, 0, 0, 0] = float("inf")
     _expect(classifier, ValueError, r"query_x holds a non-finite value \(inf\) in task 0, example 1",
             classifier.meta_step, sx, sy, bad, qy)
+
+
+def test_adapt_given_as_a_generator_adapts_what_the_list_adapts():
+    """``adapt`` is read twice in MAML's constructor (the layout and the would-be-adapted set that
+    ``_check_model`` compares with): a generator is normalized to a tuple once, so both see it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    names = ["2.weight", "2.bias"]
+    listed = fastmaml.MAML(model, adapt=names)
+    generated = fastmaml.MAML(model, adapt=(n for n in names))
+    assert generated.adapted_names == listed.adapted_names == tuple(names)
+    assert generated._adapt_candidates == listed._adapt_candidates == frozenset(names)

@@ -33,7 +33,8 @@ from .. import kernels as kernel_ops
 from ..engine import Engine
 from ..functional import TaskBatchedModel, batch_statistics, is_classification, task_accuracy, task_losses
 from ..layout import FlatLayout
-from ..maml import MAML, MetaStepOutput, _accumulate
+from ..learner.meta_step_template import begin_meta_step, check_losses_finite, finish_meta_step
+from ..maml import MAML, MetaStepOutput
 from ..models import Conv4
 
 __all__ = ["ANIL", "split_body_head"]
@@ -133,8 +134,7 @@ class ANIL(MAML):
 
     def _trainable_changed(self) -> None:
         super()._trainable_changed()
-        if self.head_engine.fused is not None:
-            self.head_engine.fused.forget_trainable()
+        self.head_engine.forget_trainable()
         self._build_body()
 
     # -- the body ------------------------------------------------------------------------------
@@ -155,22 +155,11 @@ class ANIL(MAML):
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   loss_fn=None, steps: Optional[int] = None) -> MetaStepOutput:
         """One ANIL meta-gradient for a batch of tasks, added to ``.grad`` (see the module docstring)."""
-        self._check_model("meta_step")
-        steps = self._steps(steps)
-        self._check_deterministic("meta_step")
-        self._check_inputs((("support_x", support_x, "support_y", support_y),
-                            ("query_x", query_x, "query_y", query_y)), loss_fn)
+        steps, _, loss_fn = begin_meta_step(self, support_x, support_y, query_x, query_y, loss_fn, steps)
         grads, lr_grad, objective, q_losses, acc, s_losses = self._meta_gradient_anil(
             support_x, support_y, query_x, query_y, steps, loss_fn)
-        if not bool(torch.isfinite(s_losses).all()) or not bool(torch.isfinite(q_losses).all()):
-            raise FloatingPointError("non-finite support or query loss in ANIL's meta-step; the model's "
-                                     "parameters and .grad are unchanged")
-        self._check_meta_gradient(grads, lr_grad)
-        for name, p in self.model.named_parameters():
-            if name in grads:
-                _accumulate(p, grads[name])
-        if lr_grad is not None:
-            _accumulate(self.inner_lr.lr, lr_grad)
+        check_losses_finite(s_losses, q_losses, "ANIL")
+        finish_meta_step(self, grads, lr_grad)
         return MetaStepOutput(objective, q_losses, acc)
 
     def _meta_gradient_anil(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int, loss_fn):
@@ -199,7 +188,7 @@ class ANIL(MAML):
             theta_k = loop.checkpoints[k]
             if theta_k.dim() == 1:
                 theta_k = theta_k.expand(T, -1)
-            rate, seg = eng._rate(k, lr, sx.device)
+            rate, seg = eng.step_rate(k, lr, sx.device)
             g = loop.stored_grads[k]
             hv = None
             if not self.first_order:

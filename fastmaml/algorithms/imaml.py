@@ -37,8 +37,9 @@ from torch import Tensor, nn
 from .. import kernels as kernel_ops
 from ..functional import is_classification, task_accuracy, task_losses
 from ..kernels import cg as cg_kernels
-from ..layers.runner import FusedState
-from ..maml import MAML, FastWeights, MetaStepOutput, _accumulate
+from ..engine import FusedRunner
+from ..learner.meta_step_template import begin_meta_step, check_losses_finite, finish_meta_step
+from ..maml import MAML, FastWeights, MetaStepOutput
 
 __all__ = ["IMAML", "CGInfo", "batched_cg"]
 
@@ -142,7 +143,7 @@ class IMAML(MAML):
                 g, l_k, _ = eng.support_grad(phi, sx, sy, loss_fn, create_graph=False)
             losses[k] = l_k.detach()
             prox = torch.add(g.detach(), phi - theta, alpha=self.lam)
-            rate, seg = eng._rate(k, lr, theta.device)
+            rate, seg = eng.step_rate(k, lr, theta.device)
             phi = ops.inner_update(phi.contiguous(), prox.contiguous(), rate, seg)
         return theta, phi, losses
 
@@ -164,21 +165,16 @@ class IMAML(MAML):
         return FastWeights(flat.detach(), losses, self._identity, self.layout, tuple(support_x.shape[2:]))
 
     # -- the implicit meta-gradient ------------------------------------------------------------
-    def _hvp_fn(self, state):
-        """u [T, P] -> (H u, shared terms); reusable across CG iterations."""
-        eng = self.engine
-        shared = eng.shared_params()
+    def _hvp_fn(self, state, runner):
+        """u [T, P] -> (H u, shared terms) on the runner that made ``state``; reusable across CG
+        iterations (the state is kept: ``retain_graph``)."""
+        shared = self.engine.shared_params()
         names, plist = list(shared), list(shared.values())
 
         def apply(u: Tensor, with_shared: bool = False):
-            if isinstance(state, FusedState):
-                hv, terms = eng.fused.hvp(state, u.contiguous(), shared=with_shared and bool(plist))
-                return hv, ([terms.get(n) for n in names] if with_shared else [])
-            g, leaf = state
-            outs = torch.autograd.grad(g, [leaf] + (plist if with_shared else []), grad_outputs=u,
-                                       retain_graph=True, allow_unused=True)
-            hv = outs[0] if outs[0] is not None else torch.zeros_like(u)
-            return hv, list(outs[1:])
+            hv, terms = runner.hvp(state, u.contiguous(), plist if with_shared else [], names if with_shared else [],
+                                   retain_graph=True)
+            return (hv if hv is not None else torch.zeros_like(u)), terms
 
         return apply, names
 
@@ -186,12 +182,14 @@ class IMAML(MAML):
         """((1/T) grad L_Q at phi [T, P], {shared: (1/T) sum dL_Q/dpsi}, losses [T], predictions)."""
         eng = self.engine
         shared = eng.shared_params()
-        if eng.uses_fused(loss_fn):
-            r = eng._fused_for(qx.device).grad(phi.detach(), qx, qy, scale=1.0 / T, shared=bool(shared))
+        runner = eng.runner_for(loss_fn)
+        if isinstance(runner, FusedRunner):
+            # the fused runner's own query pass (its losses and shared gradients come with it)
+            r = runner.model_on(qx.device).grad(phi.detach(), qx, qy, scale=1.0 / T, shared=bool(shared))
             return r.grad, dict(r.shared), r.losses, r.pred
         with torch.enable_grad():
             leaf = phi.detach().clone().requires_grad_(True)
-            pred = eng.batched.forward(leaf, qx)
+            pred = runner.batched.forward(leaf, qx)
             losses = task_losses(pred, qy, loss_fn)
             grads = torch.autograd.grad(losses.sum() / T, [leaf] + list(shared.values()), allow_unused=True)
         sh = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(shared.items(), grads[1:])}
@@ -201,9 +199,10 @@ class IMAML(MAML):
                           shared_rhs: bool = True):
         """x [T, P] solving (I + H_t/lambda) x_t = b_t at phi by the batched CG, the shared parameters'
         terms -(1/lambda) sum_t d/dpsi <g_t, x_t> (when ``shared_rhs``), and the CG's :class:`CGInfo`."""
+        runner = self.engine.runner_for(loss_fn)
         with torch.enable_grad():
             _, _, state = self.engine.support_grad(phi.detach(), support_x, support_y, loss_fn, create_graph=True)
-        apply, names = self._hvp_fn(state)
+        apply, names = self._hvp_fn(state, runner)
         lam = self.lam
 
         def apply_a(p: Tensor) -> Tensor:
@@ -223,26 +222,17 @@ class IMAML(MAML):
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   loss_fn=None, steps: Optional[int] = None) -> MetaStepOutput:
         """The implicit meta-gradient of a task batch, added to ``.grad`` (see the module docstring)."""
-        self._check_model("meta_step")
-        steps = self._steps(steps)
-        self._check_deterministic("meta_step")
-        self._check_inputs((("support_x", support_x, "support_y", support_y),
-                            ("query_x", query_x, "query_y", query_y)), loss_fn)
+        steps, _, loss_fn = begin_meta_step(self, support_x, support_y, query_x, query_y, loss_fn, steps)
         T = support_x.shape[0]
         _, phi, s_losses = self._inner(support_x, support_y, steps, loss_fn)
         gq, q_shared, q_losses, pred = self._query(phi, query_x, query_y, T, loss_fn)
-        if not bool(torch.isfinite(s_losses).all()) or not bool(torch.isfinite(q_losses).all()):
-            raise FloatingPointError("non-finite support or query loss in iMAML's meta-step; the model's "
-                                     "parameters and .grad are unchanged")
+        check_losses_finite(s_losses, q_losses, "iMAML")
         x, terms, info = self.implicit_gradient(support_x, support_y, phi, gq, loss_fn)
         self.last_cg = info
         grads: Dict[str, Tensor] = dict(self.layout.views(x.sum(0)))
         for n, g in q_shared.items():
             grads[n] = g + terms[n] if n in terms else g
-        self._check_meta_gradient(grads, None)
-        for name, p in self.model.named_parameters():
-            if name in grads:
-                _accumulate(p, grads[name])
+        finish_meta_step(self, grads)
         acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
         return MetaStepOutput(q_losses.mean(), q_losses, acc)
 

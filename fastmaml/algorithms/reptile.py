@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from .. import kernels as kernel_ops
 from ..functional import is_classification, task_accuracy, task_losses
-from ..maml import MAML, MetaStepOutput, _accumulate, check_number
+from ..learner.meta_step_template import begin_meta_step, finish_meta_step
+from ..learner.validation import check_number
+from ..maml import MAML, MetaStepOutput
 
 __all__ = ["Reptile", "VARIANTS"]
 
@@ -110,7 +112,7 @@ class Reptile(MAML):
             if not bool(torch.isfinite(losses).all()):
                 raise FloatingPointError(f"non-finite inner loss at Reptile step {k}; the model's parameters "
                                          "and .grad are unchanged")
-            rate, seg = eng._rate(k, lr, x.device)
+            rate, seg = eng.step_rate(k, lr, x.device)
             theta = ops.inner_update(theta, g.detach(), rate, seg)
         if theta.dim() == 1:
             theta = theta.expand(x.shape[0], -1)
@@ -120,11 +122,7 @@ class Reptile(MAML):
                   loss_fn=None, steps: Optional[int] = None) -> MetaStepOutput:
         """One Reptile meta-update direction, added to ``.grad`` (see the module docstring).
         Reports the query loss (and accuracy) of every task after its inner loop."""
-        self._check_model("meta_step")
-        steps = self._steps(steps)
-        self._check_deterministic("meta_step")
-        self._check_inputs((("support_x", support_x, "support_y", support_y),
-                            ("query_x", query_x, "query_y", query_y)), loss_fn)
+        steps, _, loss_fn = begin_meta_step(self, support_x, support_y, query_x, query_y, loss_fn, steps)
         if self.inner_data == "all":
             x, y = torch.cat([support_x, query_x], 1), torch.cat([support_y, query_y], 1)
         else:
@@ -147,10 +145,6 @@ class Reptile(MAML):
         with torch.no_grad():
             pred = self.engine.forward(phi, query_x)
             losses = task_losses(pred, query_y, loss_fn)
-        grads = self.layout.views(direction)
-        self._check_meta_gradient(dict(grads), None)
-        for name, p in self.model.named_parameters():
-            if name in grads:
-                _accumulate(p, grads[name])
+        finish_meta_step(self, dict(self.layout.views(direction)))
         acc = task_accuracy(pred, query_y) if is_classification(query_y) else None
         return MetaStepOutput(losses.mean(), losses, acc)

@@ -14,20 +14,19 @@ meta-gradient comes from an explicit reverse pass instead of the unrolled autogr
 Parameters that the inner loop does not adapt (phi) collect ``(w_k/T) dL_Q/dphi`` at every weighted
 step and, second order, ``-d/dphi <g_k, a_k v>`` from the same double backward as the HVP.
 
-Two paths run the model for all tasks (``Engine.path``):
-
-* ``fused``: models made of the layers in :mod:`fastmaml.layers.program` (Conv2d, BatchNorm,
-  ReLU/LeakyReLU, MaxPool2d(2), global mean, Flatten, Linear; ``nn.Sequential`` and Conv4) with the
-  built-in losses run on the project's task-batched layer kernels (:mod:`fastmaml.layers`): forward,
-  backward and the HVP by the R-operator (docs/design.md, "The R-operator"), without autograd.
-* ``generic``: any other model or a user ``loss_fn``: ``torch.func.vmap`` (or a loop over tasks) of
-  the module, support gradients by autograd and the HVP by autograd's double backward.
+Two runners run the model for all tasks (:mod:`fastmaml.engine.runner`): the fused runner
+(:mod:`fastmaml.engine.fused_runner`: the project's task-batched layer kernels, the HVP by the
+R-operator, without autograd) for models made of the supported layers with the built-in losses, and
+the generic runner (:mod:`fastmaml.engine.generic_runner`: vmap or a loop over tasks, autograd) for
+anything else. The constructor picks ``Engine.runner`` once; ``Engine.runner_for`` names the two
+cases where one call takes the generic runner instead (a custom ``loss_fn``; BatchNorm in evaluation
+mode with running statistics), and ``Engine.path`` says which runs and why.
 
 Per-step parameters (MAML++'s per-step BatchNorm weights, :mod:`fastmaml.step_context`): every
 model call runs at an inner step: the support pass at theta_k (inner step k, its recomputations and
 HVP included) at step k, the query pass at theta_k (k = 1..K, the multi-step terms and theta_K) at
-step k - 1. The generic path reads it from the step context set here; the fused path gets it as an
-argument (and keeps it in the HVP state). ``Engine.forward`` runs at the step it is given, or the
+step k - 1. The runners read it from the step context set here (the fused runner keeps it in its HVP
+state). ``Engine.forward`` runs at the step it is given, or the
 enclosing context's.
 
 Memory (docs/design.md, "Memory"): ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the
@@ -47,50 +46,49 @@ call kept.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from . import kernels
-from . import layers
-from . import step_context
-from .memory_budget import default_store_budget
-from .functional import LossFn, TaskBatchedModel, is_classification, task_accuracy, task_losses
-from .inner_lr import InnerLR
-from .layers.program import Unsupported, compile_model
-from .layers.runner import FusedModel, FusedState
-from .layout import FlatLayout
+from .. import bn_running
+from .. import kernels
+from .. import step_context
+from ..functional import LossFn, TaskBatchedModel, is_classification, task_accuracy
+from ..inner_lr import InnerLR
+from ..layers.program import Unsupported
+from ..layout import FlatLayout
+from ..memory_budget import default_store_budget
+from .fused_runner import FusedRunner
+from .generic_runner import GeneralRunner, GenericRunner
+from .results import EngineResult, InnerLoop
+from .runner import Runner
 
 MEMORY_MODES = ("store", "recompute")
 BATCHING = ("auto", "fused", "vmap", "loop")
 
 
-@dataclass
-class EngineResult:
-    objective: Tensor              # J (detached, 0-d)
-    query_losses: Tensor           # [T] at theta_K
-    query_accuracy: Optional[Tensor]
-    support_losses: Tensor         # [K, T]
-    query_losses_all: Tensor       # [K + 1, T]; NaN where the weight is 0
-    theta_grad: Tensor             # [P] for the adapted parameters
-    shared_grads: Dict[str, Tensor]  # the trainable parameters that are not adapted
-    lr_grad: Optional[Tensor]
-
-
 class Engine:
-    """Holds what one model needs across meta-steps: its layout, the batched model, the segments."""
+    """Holds what one model needs across meta-steps: its layout, its runners, the segments.
+
+    ``runner`` (picked here, once): the fused runner when ``batching`` is 'auto' or 'fused' and the
+    model compiles to the fused layers, else the generic runner; ``generic`` is the autograd runner on
+    tensor inputs (``runner`` itself when that is generic), ``general`` the autograd runner for
+    several inputs and pytree targets (``MAML.adapt`` / ``learner(fast, x)`` with such batches).
+    ``keep_eval_batchnorm`` (``MAML(bn_stats="running")``): BatchNorm in evaluation mode normalizes
+    with its running statistics, which only the generic runners do (:meth:`runner_for`)."""
 
     def __init__(self, model: nn.Module, layout: FlatLayout, inner_lr: InnerLR,
-                 kernel_backend: Optional[str] = None, batching: str = "auto"):
+                 kernel_backend: Optional[str] = None, batching: str = "auto", *,
+                 keep_eval_batchnorm: bool = False):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.model = model
         self.layout = layout
         self.inner_lr = inner_lr
         self.kernel_backend = kernel_backend
+        self.keep_eval_batchnorm = keep_eval_batchnorm
         self._segments: Dict[torch.device, Tensor] = {}
         # store mode: bytes the kept iterates and HVP states may take (None: default_store_budget at each call)
         self.store_budget: Optional[int] = None
@@ -98,47 +96,74 @@ class Engine:
         # CPU scratch [T, P] buffers kept across meta-steps (name -> tensor): a fresh one is a fresh
         # mmap whose every page faults on first write (docs/design.md, "Memory")
         self._scratch: Dict[str, Tensor] = {}
-        self.fused: Optional[FusedModel] = None
-        self.fallback_reason = ""
+        fused: Optional[FusedRunner] = None
+        self.fallback_reason = ""  # why ``runner`` is the generic one ("" when it is fused)
         if batching in ("auto", "fused"):
             try:
-                self.fused = FusedModel(model, layout, compile_model(model), None)
+                fused = FusedRunner(model, layout, self._layer_backend())
             except Unsupported as e:
                 if batching == "fused":
                     raise ValueError(f"batching='fused' cannot run this model: {e}") from None
                 self.fallback_reason = str(e)
         else:
             self.fallback_reason = f"batching={batching!r} was asked for"
-        self.batched = TaskBatchedModel(model, layout, "auto" if batching == "fused" else batching)
+        generic_batching = "auto" if batching == "fused" else batching
+        self.generic = GenericRunner(model, layout, generic_batching, keep_eval_batchnorm)
+        self.general = GeneralRunner(model, layout, generic_batching, keep_eval_batchnorm)
+        self.runner: Runner = fused if fused is not None else self.generic
 
-    def uses_fused(self, loss_fn: Optional[LossFn]) -> bool:
-        return self.fused is not None and loss_fn is None
-
-    def path(self, device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None) -> str:
-        """One line: the path a meta-step takes, and why when it is the generic one."""
-        if self.uses_fused(loss_fn):
-            dev = device or next(self.model.parameters()).device
-            return f"fused ({layers.layer_kernels(dev, self._layer_backend()).name} layer kernels)"
-        why = self.fallback_reason or "a custom loss_fn (the fused path runs the built-in losses)"
-        return f"generic ({self.batched.batching}): {why}"
+    @property
+    def batched(self) -> TaskBatchedModel:
+        """The generic runner's task-batched model (autograd over the module, tensor inputs)."""
+        return self.generic.batched
 
     def _layer_backend(self) -> str:
         return "auto" if self.kernel_backend in (None, "auto", "cuda") else self.kernel_backend
 
-    def _fused_for(self, device: torch.device) -> FusedModel:
-        self.fused.kernels = layers.layer_kernels(device, self._layer_backend())
-        return self.fused
+    # -- which runner a call takes -----------------------------------------------------------------
+    def _eval_batchnorm_reason(self) -> str:
+        """Why a call must take the generic runner for BatchNorm in evaluation mode ('' if it needn't)."""
+        names = bn_running.eval_batchnorms(self.model) if self.keep_eval_batchnorm else []
+        if not names:
+            return ""
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return (f"BatchNorm in eval mode with bn_stats='running' ({', '.join(names[:3])}{more}) "
+                "normalizes with running statistics; the fused path runs per-task batch statistics only")
 
-    def forward(self, flat: Tensor, x: Tensor, step: Optional[int] = None) -> Tensor:
+    def runner_for(self, loss_fn: Optional[LossFn] = None) -> Runner:
+        """The runner of one call: ``runner``, or the generic runner when the call needs autograd: a
+        custom ``loss_fn`` (the fused runner computes the built-in losses), or BatchNorm modules in
+        evaluation mode with ``keep_eval_batchnorm`` (the fused runner normalizes with batch statistics)."""
+        if self.runner.kind != "fused":
+            return self.runner
+        if loss_fn is not None or self.keep_eval_batchnorm and bn_running.eval_batchnorms(self.model):
+            return self.generic
+        return self.runner
+
+    def forget_trainable(self) -> None:
+        """Some parameter's ``requires_grad`` changed: the fused program reads them again."""
+        for runner in (self.runner, self.generic, self.general):
+            runner.forget_trainable()
+
+    def path(self, device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None) -> str:
+        """One line: the path a meta-step takes, and why when it is the generic one."""
+        runner = self.runner_for(loss_fn)
+        dev = device or next(self.model.parameters()).device
+        if runner.kind == "fused":
+            return f"fused ({runner.describe(dev)})"
+        why = (self._eval_batchnorm_reason() or self.fallback_reason
+               or "a custom loss_fn (the fused path runs the built-in losses)")
+        return f"generic ({runner.describe(dev)}): {why}"
+
+    def forward(self, flat: Tensor, x: Tensor, step: Optional[int] = None, runner: Optional[Runner] = None) -> Tensor:
         """Every task's outputs [T, M, ...] (no graph on the fused path) at inner ``step`` (None: the
         enclosing step context's; only per-step parameters read it). After k inner updates the query
-        forward's step is ``step_context.query_step(k)`` = max(k - 1, 0)."""
+        forward's step is ``step_context.query_step(k)`` = max(k - 1, 0). ``runner``: default
+        :meth:`runner_for` the built-in losses."""
         if step is not None:
             with step_context.inner_step(step):
-                return self.forward(flat, x)
-        if self.fused is not None:
-            return self._fused_for(x.device).forward(flat, x, step=step_context.current_step())
-        return self.batched.forward(flat, x)
+                return self.forward(flat, x, runner=runner)
+        return (runner or self.runner_for(None)).forward(flat, x)
 
     # -- pieces ---------------------------------------------------------------------------------
     def segments(self, device: torch.device) -> Tensor:
@@ -154,13 +179,10 @@ class Engine:
         params = dict(self.model.named_parameters())
         return self.layout.flatten(params[n].detach() for n in self.layout.names)
 
-    def _rate(self, k: int, lr: Tensor, device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
+    def step_rate(self, k: int, lr: Tensor, device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
+        """(a_k, the segment ids when a_k holds one rate per segment, else None) of inner step k."""
         rate, segmented = self.inner_lr.rate(k, lr)
         return rate, (self.segments(device) if segmented else None)
-
-    def _losses(self, flat: Tensor, x: Tensor, y: Tensor, loss_fn: Optional[LossFn]) -> Tuple[Tensor, Tensor]:
-        pred = self.batched.forward(flat, x)
-        return task_losses(pred, y, loss_fn), pred
 
     def scratch(self, name: str, like: Tensor) -> Tensor:
         """A [T, P] buffer shaped like ``like`` whose contents are never read before they are written:
@@ -174,33 +196,14 @@ class Engine:
         return buf
 
     def support_grad(self, theta_k: Tensor, x: Tensor, y: Tensor, loss_fn, create_graph: bool,
-                     grad_out: Optional[Tensor] = None):
+                     grad_out: Optional[Tensor] = None, runner: Optional[Runner] = None):
         """(g_k [T, P], L_S [T], state): the per-task support gradients at theta_k for all tasks;
-        ``state`` (when ``create_graph``) is what ``hvp`` needs: the fused path's stored passes, or
-        the generic path's graph (g with its graph, and the leaf theta_k it hangs from). Runs at
-        the enclosing step context's step (the callers here set it to k). ``grad_out``: a [T, P]
-        buffer the fused path writes g into."""
-        if self.uses_fused(loss_fn):
-            r = self._fused_for(x.device).grad(theta_k.detach(), x, y, keep=create_graph,
-                                               step=step_context.current_step(), out=grad_out)
-            return r.grad, r.losses, r.state
-        T = x.shape[0]
-        leaf = theta_k.detach().expand(T, -1).clone().requires_grad_(True) if theta_k.dim() == 1 \
-            else theta_k.detach().requires_grad_(True)
-        losses, _ = self._losses(leaf, x, y, loss_fn)
-        (g,) = torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph)
-        return (g.detach() if not create_graph else g), losses, ((g, leaf) if create_graph else None)
-
-    def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str],
-            out: Optional[Tensor] = None):
-        """(H_S u [T, P], per shared parameter: sum_t d/dphi <g_t, u_t> or None); ``out``: a [T, P]
-        buffer the fused path writes H_S u into."""
-        if isinstance(state, FusedState):
-            hv, terms = self.fused.hvp(state, u, shared=bool(shared_list), out=out)
-            return hv, [terms.get(n) for n in shared_names]
-        g, leaf = state
-        grads = torch.autograd.grad(g, [leaf] + shared_list, grad_outputs=u, allow_unused=True)
-        return grads[0], list(grads[1:])
+        ``state`` (when ``create_graph``) is what the runner's ``hvp`` needs: the fused runner's stored
+        passes, or the generic runner's graph (g with its graph, and the leaf theta_k it hangs from).
+        Runs at the enclosing step context's step (the callers here set it to k). ``grad_out``: a
+        [T, P] buffer the fused runner writes g into. ``runner``: default :meth:`runner_for` ``loss_fn``."""
+        runner = runner or self.runner_for(loss_fn)
+        return runner.support_grad(theta_k, x, y, loss_fn, create_graph, grad_out=grad_out)
 
     def resolved_store_budget(self, device: torch.device) -> int:
         """The store budget in bytes for a call on ``device``: ``store_budget``, else the default."""
@@ -212,7 +215,7 @@ class Engine:
 
     def forward_steps(self, theta_start: Tensor, k0: int, k1: int, x, y, loss_fn, lr, ops,
                       keep_states: Union[bool, str], support_losses: Optional[Tensor],
-                      budget: float = 0.0, keep_grads: bool = True):
+                      budget: float = 0.0, keep_grads: bool = True, runner: Optional[Runner] = None):
         """Run inner steps k0..k1-1 from theta_{k0}. Returns the iterates theta_{k0}..theta_{k1}, the
         support gradients g_{k0}..g_{k1-1} (None where ``keep_grads`` is False: [T, P] each, needed
         only by learned rates and callers with a reverse pass of their own), and ``kept``: step -> the
@@ -222,7 +225,8 @@ class Engine:
         (the last step, and earlier ones while their states, together with the iterates
         theta_{k0+1}..theta_{k1-1} that store mode keeps anyway, total at most ``budget`` bytes) or
         'fit' (any step while the states total at most ``budget``: the reverse pass's recomputation
-        of one segment)."""
+        of one segment). ``runner``: default :meth:`runner_for` ``loss_fn``."""
+        runner = runner or self.runner_for(loss_fn)
         iterates, grads, kept = [theta_start], [], {}
         theta = theta_start
         iterate_bytes = self._iterate_bytes(x.shape[0], theta_start)
@@ -235,17 +239,18 @@ class Engine:
             # g_k dies in the inner update unless kept: then one scratch buffer serves every step
             out = None if keep_grads else self.scratch("g", theta.expand(T, -1) if theta.dim() == 1 else theta)
             with record_function("fastmaml.support_grad"), step_context.inner_step(k):
-                g, losses, state = self.support_grad(theta, x, y, loss_fn, create_graph=keep, grad_out=out)
+                g, losses, state = self.support_grad(theta, x, y, loss_fn, create_graph=keep, grad_out=out,
+                                                     runner=runner)
             if support_losses is not None:
                 support_losses[k] = losses.detach()
             if keep:
-                cost = _state_bytes(state) + g_bytes
+                cost = runner.state_bytes(state) + g_bytes
                 if last or used + cost <= budget:
                     kept[k] = state
                     used += cost
             g = g.detach()
             grads.append(g if keep_grads else None)
-            rate, seg = self._rate(k, lr, theta.device)
+            rate, seg = self.step_rate(k, lr, theta.device)
             theta = ops.inner_update(theta, g, rate, seg)
             iterates.append(theta)
         return iterates, grads, kept
@@ -254,13 +259,14 @@ class Engine:
     def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
                    loss_fn: Optional[LossFn] = None, memory: str = "store",
                    observe: Optional[Callable[[int, Tensor], None]] = None,
-                   keep_grads: Optional[bool] = None) -> "InnerLoop":
+                   keep_grads: Optional[bool] = None, runner: Optional[Runner] = None) -> InnerLoop:
         """The K inner steps for all tasks from the meta-parameters: theta_K [T, P] (detached) and
         what ``reverse`` needs (the iterates or their checkpoints, the support gradients, and the
         stored HVP states, within the store budget).
         ``observe(k, theta_k)``, if given, sees every iterate once, k = 0..K in order, during these
         forward steps only (never the reverse pass's recomputations; ``fastmaml.bn_running``).
-        ``keep_grads``: keep g_0..g_{K-1} in ``stored_grads`` (default: when the rates are learned)."""
+        ``keep_grads``: keep g_0..g_{K-1} in ``stored_grads`` (default: when the rates are learned).
+        ``runner``: default :meth:`runner_for` ``loss_fn``; the reverse pass runs on the same one."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         K, T = steps, support_x.shape[0]
@@ -272,11 +278,13 @@ class Engine:
         # the reverse pass reads g_k only for learned rates (dJ/da_k = -<v, g_k>); a caller with a
         # reverse pass of its own (ANIL) may ask for them
         keep_grads = self.inner_lr.learnable if keep_grads is None else keep_grads
-        fused = self.uses_fused(loss_fn)
+        runner = runner or self.runner_for(loss_fn)
+        # the fused runner's HVP states have a known size: store mode keeps them within the budget
+        sized = runner.measures_states
         spacing = max(1, math.ceil(math.sqrt(K)))  # recompute mode's checkpoint spacing
         iterate_bytes = self._iterate_bytes(T, theta0)
         budget = self.resolved_store_budget(device) if memory == "store" else 0
-        fallback = (memory == "store" and fused and not first_order and spacing < K
+        fallback = (memory == "store" and sized and not first_order and spacing < K
                     and (K - 1) * iterate_bytes > budget)
         if fallback:
             # The iterates alone outgrow the budget (large K): keep every c-th one as a checkpoint,
@@ -291,10 +299,10 @@ class Engine:
             k1 = min(K, k0 + c)
             last = not first_order and k1 == K
             # the generic path keeps only the last step's autograd graph: its size is not known
-            policy = ("budget" if fused and memory == "store" else "last") if last else False
+            policy = ("budget" if sized and memory == "store" else "last") if last else False
             its, gs, kept_here = self.forward_steps(theta, k0, k1, support_x, support_y, loss_fn, lr, ops,
                                                     keep_states=policy, support_losses=support_losses,
-                                                    budget=budget, keep_grads=keep_grads)
+                                                    budget=budget, keep_grads=keep_grads, runner=runner)
             kept.update(kept_here)
             if observe is not None:
                 for j, it in enumerate(its[:-1]):
@@ -310,7 +318,7 @@ class Engine:
             theta = theta.expand(T, -1)
         if observe is not None:
             observe(K, theta)
-        state_bytes = sum(_state_bytes(st) for st in kept.values())
+        state_bytes = sum(runner.state_bytes(st) for st in kept.values())
         # what the reverse pass may keep of a recomputed segment's states: the budget's rest after the
         # checkpoints and the kept states when store mode fell back to checkpoints; none in recompute
         # mode (its memory stays that of one step)
@@ -326,16 +334,16 @@ class Engine:
             "recomputed_steps": [] if first_order else [k for k in range(K) if k not in kept],
         }
         return InnerLoop(K, first_order, memory, loss_fn, support_x, support_y, lr, ops, c, checkpoints,
-                         stored_grads, kept, theta, support_losses, segment_budget)
+                         stored_grads, kept, theta, support_losses, segment_budget, runner)
 
-    def reverse(self, loop: "InnerLoop", v: Tensor,
+    def reverse(self, loop: InnerLoop, v: Tensor,
                 query_step: Optional[Callable[[Tensor, int], Optional[Tensor]]] = None, v_owned: bool = False):
         """The meta-gradient of an outer objective J whose gradient at theta_K is ``v`` [T, P]
         (docs/design.md, "The meta-gradient"): (dJ/dtheta [P], the shared parameters' terms
         {name: tensor}, dJ/dlr or None). ``query_step(theta_k, k)`` may add the gradient of J's terms at theta_k (the
         multi-step loss) for 1 <= k < K. ``loop`` is consumed (its stored states are released).
         ``v_owned``: v may be updated in place (else it is copied before its first update)."""
-        K, c, ops, lr = loop.steps, loop.c, loop.ops, loop.lr
+        K, c, ops, lr, runner = loop.steps, loop.c, loop.ops, loop.lr, loop.runner
         sx, sy, loss_fn = loop.support_x, loop.support_y, loop.loss_fn
         device = v.device
         shared = self.shared_params()
@@ -345,7 +353,7 @@ class Engine:
         lr_grad = torch.zeros_like(lr) if learn_lr else None
         kept = loop.kept
         owned = v_owned  # is v a tensor of this pass (may be updated in place)?
-        hv_buf: Optional[Tensor] = None  # the fused HVP's output, reused across steps
+        hv_buf: Optional[Tensor] = None  # the HVP's output (a runner that writes into one), reused across steps
         for k0 in reversed(range(0, K, c)):
             k1 = min(K, k0 + c)
             if loop.memory == "store":
@@ -358,13 +366,13 @@ class Engine:
                 its, gs, states = self.forward_steps(loop.checkpoints[k0 // c], k0, end, sx, sy, loss_fn,
                                                      lr, ops, keep_states=False if loop.first_order else "fit",
                                                      support_losses=None, budget=loop.segment_budget,
-                                                     keep_grads=learn_lr)
+                                                     keep_grads=learn_lr, runner=runner)
                 kept.update(states)
                 if end < k1:
                     gs = gs + loop.stored_grads
             for k in reversed(range(k0, k1)):
                 theta_k = its[k - k0]
-                rate, seg = self._rate(k, lr, device)
+                rate, seg = self.step_rate(k, lr, device)
                 hv = g = None
                 if learn_lr:
                     g = gs[k - k0]
@@ -372,17 +380,17 @@ class Engine:
                     state = kept.pop(k, None)
                     if state is None:
                         with record_function("fastmaml.support_grad"), step_context.inner_step(k):
-                            g_k, _, state = self.support_grad(theta_k, sx, sy, loss_fn, create_graph=True)
+                            g_k, _, state = self.support_grad(theta_k, sx, sy, loss_fn, create_graph=True,
+                                                              runner=runner)
                         g = g_k.detach() if learn_lr else None
                     # H (a v) = a (H v) for one scalar rate a: the HVP runs on v itself and a is
                     # applied where H v is added to v (no [T, P] pass for a v); other rates scale v
                     scalar = seg is None and rate.dim() == 0 and not learn_lr
                     u = v if scalar else ops.scale(v, rate, seg)
-                    if hv_buf is None and isinstance(state, FusedState):
+                    if hv_buf is None and runner.writes_hvp_into_buffer:
                         hv_buf = self.scratch("hv", v)
                     with record_function("fastmaml.hvp"):
-                        hv, terms = self.hvp(state, u, shared_list, shared_names,
-                                             out=hv_buf if isinstance(state, FusedState) else None)
+                        hv, terms = runner.hvp(state, u, shared_list, shared_names, out=hv_buf)
                     del state
                     for acc, gp in zip(shared_grads, terms):
                         if gp is not None:
@@ -423,15 +431,18 @@ class Engine:
         loss_fn: Optional[LossFn] = None,
         memory: str = "store",
         observe: Optional[Callable[[int, Tensor], None]] = None,
+        runner: Optional[Runner] = None,
     ) -> EngineResult:
+        """The meta-gradient of J = (1/T) sum_t sum_k w_k L_Q,t(theta_k) (module docstring), with the
+        support and query losses and accuracy it measured. ``runner``: default :meth:`runner_for`."""
         K, T = steps, support_x.shape[0]
-        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, observe)
+        runner = runner or self.runner_for(loss_fn)
+        loop = self.inner_loop(support_x, support_y, steps, first_order, loss_fn, memory, observe, runner=runner)
         dtype, device = loop.theta_K.dtype, loop.theta_K.device
         query_all = torch.full((K + 1, T), float("nan"), dtype=dtype, device=device)
         shared = self.shared_params()
         shared_names, shared_list = list(shared.keys()), list(shared.values())
         query_shared = {n: torch.zeros_like(p) for n, p in shared.items()}
-        fused = self.uses_fused(loss_fn)
 
         @record_function("fastmaml.query_grad")
         def query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -441,21 +452,12 @@ class Engine:
 
         def _query_grad(theta_k: Tensor, k: int) -> Tuple[Tensor, Tensor]:
             scale = weights[k - 1] / T
-            if fused:
-                r = self._fused_for(query_x.device).grad(theta_k.detach(), query_x, query_y, scale=scale,
-                                                         shared=bool(shared_list), step=step_context.current_step())
-                query_all[k] = r.losses
-                for name, gp in r.shared.items():
-                    query_shared[name].add_(gp)
-                return r.grad, r.pred
-            leaf = theta_k.detach().requires_grad_(True)
-            losses, pred = self._losses(leaf, query_x, query_y, loss_fn)
-            query_all[k] = losses.detach()
-            grads = torch.autograd.grad(losses.sum() * scale, [leaf] + shared_list, allow_unused=True)
-            for name, gp in zip(shared_names, grads[1:]):
-                if gp is not None:
-                    query_shared[name].add_(gp)
-            return grads[0], pred
+            grad, losses, pred, shared_terms = runner.query_grad(theta_k, query_x, query_y, loss_fn, scale,
+                                                                 shared_list, shared_names)
+            query_all[k] = losses
+            for name, gp in shared_terms.items():
+                query_shared[name].add_(gp)
+            return grad, pred
 
         v, pred_K = query_grad(loop.theta_K, K)
         objective_terms = [weights[K - 1] * query_all[K]]
@@ -484,15 +486,18 @@ class Engine:
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, loss_fn=None,
-              observe: Optional[Callable[[int, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
-        """theta_K [T, P] (detached) and the support losses [K, T]; ``observe`` as in ``inner_loop``."""
+              observe: Optional[Callable[[int, Tensor], None]] = None,
+              runner: Optional[Runner] = None) -> Tuple[Tensor, Tensor]:
+        """theta_K [T, P] (detached) and the support losses [K, T]; ``observe`` and ``runner`` as in
+        ``inner_loop``."""
         theta0 = self.theta()
         ops = kernels.ops_for(theta0, self.kernel_backend)
         lr = self.inner_lr.lr.detach().to(theta0.dtype)
         losses = torch.full((steps, support_x.shape[0]), float("nan"), dtype=theta0.dtype, device=theta0.device)
         with torch.enable_grad():
             its, _, _ = self.forward_steps(theta0, 0, steps, support_x, support_y, loss_fn, lr, ops,
-                                           keep_states=False, support_losses=losses, keep_grads=False)
+                                           keep_states=False, support_losses=losses, keep_grads=False,
+                                           runner=runner)
         if observe is not None:
             for k, it in enumerate(its):
                 observe(k, it)
@@ -500,34 +505,3 @@ class Engine:
         if theta.dim() == 1:
             theta = theta.expand(support_x.shape[0], -1)
         return theta.detach(), losses
-
-
-@dataclass
-class InnerLoop:
-    """What ``Engine.inner_loop`` leaves for ``Engine.reverse``."""
-
-    steps: int
-    first_order: bool
-    memory: str
-    loss_fn: Optional[LossFn]
-    support_x: Tensor
-    support_y: Tensor
-    lr: Tensor
-    ops: object
-    c: int                      # checkpoint spacing (K in store mode)
-    checkpoints: List[Tensor]   # store: theta_0..theta_{K-1}; recompute: every c-th iterate
-    stored_grads: List[Optional[Tensor]]  # g_0..g_{K-1} (store) or [g_{K-1}] (recompute); None entries
-                                          # unless kept (learned rates, or keep_grads=True)
-    kept: Dict[int, object]     # step -> HVP state kept from the forward
-    theta_K: Tensor             # [T, P], detached
-    support_losses: Tensor      # [K, T]
-    segment_budget: float = 0.0  # bytes of states the reverse pass may keep per recomputed segment
-
-
-def _state_bytes(state) -> int:
-    """Bytes an HVP state holds beyond its iterate: the fused path's saved activations; the generic
-    path's autograd graph is not measured (its support gradient [T, P] stands for it)."""
-    if isinstance(state, FusedState):
-        return state.nbytes
-    g, _ = state
-    return g.numel() * g.element_size()
