@@ -133,7 +133,7 @@ def test_adapt_comment_says_what_it_returns():
 
 
 def test_command_line_lists_every_config_and_threads():
-    from fastmaml import configs
+    from fastmaml.app import configs
 
     text = section(README, "Command line")
     named = {name for p in re.findall(r"`([\w{},-]+)`", text) for name in _expand(p)}
