@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 # --help` and argument errors answer without importing torch (tests/test_cli_startup.py)
 from . import configs, run_info
 from .configs import Config
-from .episodes import fixed_episodes, mean_ci95, run_episodes
+# run_episodes: also fastmaml.app.evaluate.run_episodes, where it was defined before issue 23
+from .episodes import fixed_episodes, mean_ci95, run_episodes  # noqa: F401
 from .errors import UserError
 from .learner import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
 from .progress import Progress

@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from .. import fsutil
 from . import configs, distributed_args, metrics_file, run_info
 from .configs import Config
-from .errors import TrainingError, UserError, first_line  # noqa: F401  (TrainingError: once defined here)
+# TrainingError: also fastmaml.app.train.TrainingError, where it was defined before issue 23
+from .errors import TrainingError, UserError, first_line  # noqa: F401
 from .learner import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
 from .run_folder import (RESUMABLE, RUN_FILES, RUN_FOLDERS, check_writable, default_run_dir, describe_differences,
                          holds_run, read_json, write_json)
