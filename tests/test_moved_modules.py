@@ -75,3 +75,11 @@ def test_the_library_does_not_import_the_application():
             continue
         found += [f"{rel}: {m.group(0).strip()}" for m in pattern.finditer(path.read_text())]
     assert not found, "the library imports the application:\n" + "\n".join(found)
+
+
+def test_importing_the_library_loads_no_application_module():
+    code = ("import sys, fastmaml, fastmaml.maml, fastmaml.algorithms, fastmaml.engine, fastmaml.distributed, "
+            "fastmaml.models, fastmaml.data, fastmaml.kernels, fastmaml.compat.higher; fastmaml.MAML; "
+            "print(sorted(m for m in sys.modules if m.startswith('fastmaml.app')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
