@@ -232,7 +232,7 @@ setup(
     # torch is deliberately absent: pin it yourself (CI: the local torch 2.13.0 wheel) and install
     # with --no-build-isolation so that the extension builds against that very torch.
     install_requires=["numpy", "pillow", "matplotlib"],
-    entry_points={"console_scripts": ["fastmaml=fastmaml.cli:main"]},
+    entry_points={"console_scripts": ["fastmaml=fastmaml.app.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -92,7 +92,7 @@ def worker(args) -> None:
 
 
 def run(world: int, args) -> dict:
-    from fastmaml.distributed import _free_port
+    from fastmaml.app.distributed_train import _free_port
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                OMP_NUM_THREADS=str(args.threads),

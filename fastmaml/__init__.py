@@ -11,7 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, List
 
+from . import _moved
+
 __version__ = "0.1.0"
+
+_moved.install()  # the old names of the application's modules: fastmaml.train -> fastmaml.app.train, ...
 
 #: public name -> the submodule that defines it
 _EXPORTS = {

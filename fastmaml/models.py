@@ -31,13 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import configs
 from .step_context import current_step, weight_set
 
 __all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build", "paper_fc_init_", "paper_conv_init_",
            "INITS"]
 
 INITS = ("torch", "paper")
+#: the ``init`` of a config saved before the key existed: PyTorch's defaults. The application's
+#: configs say the same (``KEYS["init"].absent``; tests/test_configs.py checks that they agree), and
+#: the library does not import them.
+INIT_OF_OLD_CONFIGS = "torch"
 
 
 def _check_sets(steps, name: str) -> int:
@@ -301,7 +304,7 @@ def build(config) -> nn.Module:
     """The network a config names (``model``, ``hidden``, ``ways``, ``image_size``, ``max_pool``,
     ``per_step_bn``: MAML++'s per-step BatchNorm weights with S = ``inner_steps`` sets)."""
     sets = config["inner_steps"] if config.get("per_step_bn", False) else None
-    init = config.get("init", configs.KEYS["init"].absent)  # a run saved before the key existed
+    init = config.get("init", INIT_OF_OLD_CONFIGS)  # a run saved before the key existed
     if config["model"] == "mlp":
         if sets is not None:
             raise ValueError("per_step_bn needs a model with BatchNorm (conv4, mlp_bn); mlp has none")

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import fastmaml
-from fastmaml import checkpoint as ckpt_mod
-from fastmaml import configs as configs_mod
 from fastmaml import fsutil
+from fastmaml.app import checkpoint as ckpt_mod
+from fastmaml.app import configs as configs_mod
 from fastmaml.algorithms import ANIL, IMAML, Reptile
 from fastmaml.models import mlp_bn
 
@@ -460,7 +460,7 @@ def test_plot_tasks_must_be_positive(run6, capsys, tasks):
 
 
 def test_plot_run_refuses_a_non_positive_task_count(run6):
-    from fastmaml.plots import plot_run
+    from fastmaml.app.plots import plot_run
 
     with pytest.raises(configs_mod.UserError, match="--tasks -3: expected a positive int"):
         plot_run(run6, tasks=-3)
@@ -500,7 +500,7 @@ def test_an_atomic_write_onto_a_folder_names_the_folder(tmp_path):
 
 SIGTERM_IN_EVAL = """
 import os, signal, sys
-from fastmaml import cli, evaluate
+from fastmaml.app import cli, evaluate
 def evaluate_then_sigterm(*a, **kw):
     os.kill(os.getpid(), signal.SIGTERM)  # as if sent while the episodes run
     raise AssertionError("SIGTERM did not stop eval")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmaml.cli import main
+from fastmaml.app.cli import main
 
 
 def test_bench_command_runs_and_checks_gradients(tmp_path, capsys):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastmaml import checkpoint as ckpt_mod
-from fastmaml.checkpoint import CheckpointError
+from fastmaml.app import checkpoint as ckpt_mod
+from fastmaml.app.checkpoint import CheckpointError
 
 from test_cli import assert_user_error, run_cli, snapshot, subprocess_env, train_args
 
@@ -122,7 +122,7 @@ def test_failed_replace_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
-    from fastmaml import checkpoint as c
+    from fastmaml.app import checkpoint as c
     path, where = sys.argv[1], sys.argv[2]
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)

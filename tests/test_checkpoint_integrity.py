@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastmaml import checkpoint as ckpt_mod
-from fastmaml.checkpoint import CheckpointError
+from fastmaml.app import checkpoint as ckpt_mod
+from fastmaml.app.checkpoint import CheckpointError
 
 from test_checkpoint import _fake_checkpoint
 from test_cli import assert_user_error, run_cli, snapshot, train_args

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmaml import cli, models
-from fastmaml import configs as configs_mod
+from fastmaml import models
+from fastmaml.app import cli
+from fastmaml.app import configs as configs_mod
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -273,7 +274,7 @@ def test_bad_eval_and_plot_targets(tmp_path, capsys):
 
 def test_figure2_ground_truth_is_the_data_layers_function():
     from fastmaml.data import Sinusoid
-    from fastmaml.plots import _true_function
+    from fastmaml.app.plots import _true_function
 
     sx, sy, qx, qy, amp, phase = Sinusoid(shots=5, queries=3, seed=4).sample(6, return_params=True)
     assert torch.allclose(_true_function(sx, amp, phase), sy, atol=1e-6)

@@ -25,7 +25,8 @@ runpy.run_module("fastmaml", run_name="__main__", alter_sys=True)
 """
 
 HEAVY = ("torch", "numpy", "fastmaml.maml", "fastmaml.engine", "fastmaml.checkpoint", "fastmaml.models",
-         "fastmaml.distributed", "fastmaml.kernels", "fastmaml.data")
+         "fastmaml.distributed", "fastmaml.kernels", "fastmaml.data", "fastmaml.app.checkpoint",
+         "fastmaml.app.distributed_train", "fastmaml.app.rank_context", "fastmaml.app.training_loop")
 
 
 def imported_by(tmp_path, *args):
@@ -59,7 +60,7 @@ def test_help_and_argument_errors_import_no_torch(tmp_path, args, status, says):
     rc, out, err, modules = imported_by(tmp_path, *args)
     assert rc == status, (out, err)
     assert says in out + err
-    assert "fastmaml.cli" in modules  # the probe ran the command
+    assert "fastmaml.app.cli" in modules  # the probe ran the command
     assert not heavy(modules), f"`fastmaml {' '.join(args)}` imported {heavy(modules)[:8]}"
 
 
@@ -83,6 +84,6 @@ def test_package_attributes_are_imported_on_first_use():
 
 
 def test_run_file_names_agree_with_the_checkpoint_module():
-    from fastmaml import checkpoint, train
+    from fastmaml.app import checkpoint, run_folder
 
-    assert checkpoint.FILENAME in train.RUN_FILES[:3] and checkpoint.PREV_FILENAME in train.RUN_FILES
+    assert checkpoint.FILENAME in run_folder.RUN_FILES[:3] and checkpoint.PREV_FILENAME in run_folder.RUN_FILES

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastmaml import configs, models
-from fastmaml.configs import UserError
-from fastmaml.evaluate import mean_ci95
+from fastmaml import models
+from fastmaml.app import configs
+from fastmaml.app.episodes import mean_ci95
+from fastmaml.app.errors import UserError
 
 PAPER = {
     # name: (ways, shots, meta_batch, inner_lr, inner_steps, test_steps, hidden, iterations)
@@ -172,3 +173,9 @@ def test_ci95_against_a_hand_computed_example():
     s = math.sqrt(sum((v - 0.5) ** 2 for v in vals) / 599)
     assert mean_ci95(vals) == (pytest.approx(0.5), pytest.approx(1.96 * s / math.sqrt(600)))
     assert mean_ci95([0.7]) == (pytest.approx(0.7), None)
+
+
+def test_the_library_and_the_configs_agree_on_the_init_of_old_runs():
+    """fastmaml.models (the library) does not import the configs: it spells out the ``init`` of a
+    config saved before the key existed; the two must agree."""
+    assert models.INIT_OF_OLD_CONFIGS == configs.KEYS["init"].absent

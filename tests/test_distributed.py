@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import fastmaml  # noqa: E402
-from fastmaml import cli  # noqa: E402
+from fastmaml.app import cli  # noqa: E402
 from fastmaml.distributed import all_reduce_grads, task_slice  # noqa: E402
 
 from helpers import classification_batch, conv_bn, mlp, regression_batch, rel_err  # noqa: E402
@@ -113,7 +113,7 @@ def test_nproc_checks_before_starting_anything(tmp_path, capsys):
 
 
 def test_two_processes_give_the_one_process_meta_gradient(tmp_path):
-    from fastmaml.distributed import _free_port
+    from fastmaml.app.distributed_train import _free_port
 
     out = str(tmp_path / "grads.pt")
     port = _free_port()

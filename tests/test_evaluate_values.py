@@ -21,9 +21,10 @@ from torch import nn
 from torch.func import functional_call
 
 import fastmaml
-from fastmaml import cli, configs
-from fastmaml import evaluate as ev
-from fastmaml.train import fixed_episodes, make_dataset
+from fastmaml.app import cli, configs
+from fastmaml.app import evaluate as ev
+from fastmaml.app.episodes import fixed_episodes
+from fastmaml.app.learner import make_dataset
 from helpers import hand_adapt, mlp, rate_table, regression_batch
 
 CPU = torch.device("cpu")
@@ -92,7 +93,7 @@ def test_evaluate_classification_loss_and_accuracy_by_hand():
 
 
 def test_regression_errors_row_k_is_k_steps_by_hand():
-    """``fastmaml.evaluate.regression_errors`` (the CLI's MSE-by-step table): row k is the MSE after
+    """``fastmaml.app.evaluate.regression_errors`` (the CLI's MSE-by-step table): row k is the MSE after
     exactly k hand-written steps, k = 0..4. Catches mutant eval_mse_k_minus_1."""
     torch.manual_seed(54)
     model = mlp(hidden=6).double()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fastmaml import MAML, MAMLPPSchedule
-from fastmaml import configs
+from fastmaml.app import configs
 from fastmaml.algorithms.mamlpp import EPOCH, cosine_lr, msl_weights
-from fastmaml.configs import UserError
+from fastmaml.app.errors import UserError
 from fastmaml.reference import maml as reference
 from helpers import classification_batch, conv_bn
 
@@ -97,7 +97,7 @@ def test_mamlpp_configs_and_bad_settings():
 @pytest.mark.parametrize("name", ["mamlpp-omniglot-5w1s", "anil-omniglot-5w1s", "imaml-omniglot-5w1s",
                                   "reptile-omniglot-5w1s", "reptile-sinusoid"])
 def test_algorithm_configs_train_from_the_cli(name, tmp_path):
-    from fastmaml import cli
+    from fastmaml.app import cli
 
     if "omniglot" in name and not os.environ.get("FASTMAML_DATA"):
         pytest.skip("FASTMAML_DATA is unset: set it to the folder holding omniglot/")

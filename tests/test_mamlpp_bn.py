@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastmaml
-from fastmaml import configs
+from fastmaml.app import configs
 from fastmaml.models import Conv4, PerStepBatchNorm, build, conv4, mlp_bn
 from fastmaml.step_context import current_step, inner_step, query_step
 

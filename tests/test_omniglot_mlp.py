@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmaml import MAML, configs, models
+from fastmaml import MAML, models
+from fastmaml.app import configs
 
 
 def test_architecture_and_fused_path():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastmaml
-from fastmaml import configs
+from fastmaml.app import configs
 from fastmaml.models import PerStepBatchNorm, build, conv4, mlp, mlp_bn, paper_conv_init_, paper_fc_init_
 from fastmaml.step_context import inner_step
 

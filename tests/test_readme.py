@@ -155,7 +155,7 @@ def test_adapt_comment_says_what_it_returns():
 
 
 def test_command_line_lists_every_config_and_threads():
-    from fastmaml import configs
+    from fastmaml.app import configs
 
     assert "docs/usage.md" in README
     text = section(USAGE, "Command line")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fastmaml import checkpoint as ckpt_mod
-from fastmaml import evaluate as eval_mod
 from fastmaml import maml as maml_mod
+from fastmaml.app import checkpoint as ckpt_mod
+from fastmaml.app import evaluate as eval_mod
 
 from test_cli import assert_user_error, metrics, run_cli, snapshot, subprocess_env, train_args
 

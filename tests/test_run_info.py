@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmaml import run_info
-from fastmaml.configs import UserError
+from fastmaml.app import run_info
+from fastmaml.app.errors import UserError
 
 from test_cli import assert_user_error, metrics, run_cli, snapshot, train_args
 
@@ -101,7 +101,7 @@ def test_a_run_shorter_than_log_every_logs_a_tenth_of_it_and_its_plot_shows_the_
     assert run_cli(*train_args("sinusoid-tiny", run2, "iterations=25", "log_every=10", "val_every=0")) == 0
     assert [m["iter"] for m in metrics(run2)] == [10, 20, 25]
 
-    from fastmaml import plots
+    from fastmaml.app import plots
 
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
@@ -122,7 +122,7 @@ def test_force_says_what_it_deletes(tmp_path, capsys):
 
 
 def test_the_sinusoid_eval_summary_is_a_complete_sentence():
-    from fastmaml.evaluate import summary_line
+    from fastmaml.app.evaluate import summary_line
 
     by = [{"steps": k, "mse": m} for k, m in enumerate([3.0, 0.45, 0.31, 0.3])]
     line = summary_line({"config": "c", "iteration": 9, "split": "test", "episodes": 600, "steps": 3,

@@ -4,8 +4,8 @@ A config is a flat ``dict`` of settings. Every key has a type, taken from the bu
 int, float, str, or a list of ints), and most have bounds or choices; ``--set`` parses a string to
 that type and checks it. ``docs/reproduction.md`` explains where the values come from.
 
-This module also defines :class:`UserError`, the error the command line reports as a one-line
-``fastmaml: error: ...`` with exit status 2 (no traceback).
+Its mistakes raise :class:`~fastmaml.app.errors.UserError` (also reachable as ``configs.UserError``),
+which the command line reports as a one-line ``fastmaml: error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .errors import UserError  # also re-exported: `from fastmaml.configs import UserError` predates errors.py
+
 Config = Dict[str, Any]
-
-
-class UserError(Exception):
-    """A mistake in the command line, the config, the data or the run folder: reported in one line,
-    exit status ``code`` (2), and nothing on disk has been changed."""
-
-    code = 2
 
 
 # -- keys --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module, listed in :data:`COMMANDS`. A command module defines
 ``COMMAND_HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``; adding a command is
-one line here. User mistakes (:class:`fastmaml.configs.UserError`) end in a one-line
+one line here. User mistakes (:class:`fastmaml.app.errors.UserError`) end in a one-line
 ``fastmaml: error: ...`` on stderr and exit status 2 (1 for a training failure), without a traceback.
 """
 
@@ -14,13 +14,16 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-#: subcommand name -> module implementing it
+from .errors import UserError
+from .termination import EXIT_STATUS, Terminated
+
+#: subcommand name -> module implementing it (imported when the parser is built)
 COMMANDS: Dict[str, str] = {
-    "train": "fastmaml.train",
-    "eval": "fastmaml.evaluate",
-    "plot": "fastmaml.plots",
-    "configs": "fastmaml.configs",
-    "bench": "fastmaml.bench_command",
+    "train": "fastmaml.app.train",
+    "eval": "fastmaml.app.evaluate",
+    "plot": "fastmaml.app.plots",
+    "configs": "fastmaml.app.configs",
+    "bench": "fastmaml.app.bench_command",
 }
 
 
@@ -37,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="fastmaml", description="Task-batched MAML: train, evaluate and plot the paper's experiments.")
     parser.add_argument("--version", action="version", version=f"fastmaml {__version__}")
@@ -52,8 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .configs import UserError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -66,9 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastmaml: error: {_one_line(e)}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt as e:
-        from .termination import EXIT_STATUS, Terminated
-
-        if isinstance(e, Terminated):  # SIGTERM during eval or plot (fastmaml/termination.py)
+        if isinstance(e, Terminated):  # SIGTERM during eval or plot (fastmaml/app/termination.py)
             print("fastmaml: terminated (SIGTERM)", file=sys.stderr)
             return EXIT_STATUS
         print("fastmaml: interrupted", file=sys.stderr)

@@ -15,18 +15,22 @@ Writes ``eval.json`` into the run folder and prints a one-line summary.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
-# numpy, torch and fastmaml.checkpoint are imported in the functions that use them: `fastmaml eval
+# numpy, torch and fastmaml.app.checkpoint are imported in the functions that use them: `fastmaml eval
 # --help` and argument errors answer without importing torch (tests/test_cli_startup.py)
 from . import configs, run_info
-from .configs import Config, UserError
-from .train import (build_learner, check_writable, fixed_episodes, keep_freed_memory, make_dataset, resolve_device,
-                    set_threads, write_json)
+from .configs import Config
+# run_episodes: also fastmaml.app.evaluate.run_episodes, where it was defined before issue 23
+from .episodes import fixed_episodes, mean_ci95, run_episodes  # noqa: F401
+from .errors import UserError
+from .learner import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
+from .progress import Progress
+from .run_folder import RESUMABLE, check_writable, describe_differences, read_json, write_json
+from .termination import sigterm_raises
 
 if TYPE_CHECKING:
     import torch
@@ -66,32 +70,6 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def mean_ci95(values: Sequence[float]) -> Tuple[float, Optional[float]]:
-    """The mean and the half-width of its 95% confidence interval, ``1.96 * s / sqrt(n)`` with ``s``
-    the sample standard deviation (``ddof=1``); None for fewer than 2 values."""
-    import numpy as np
-
-    a = np.asarray(values, dtype=np.float64).ravel()
-    if a.size == 0:
-        raise ValueError("mean_ci95 of no values")
-    mean = float(a.mean())
-    if a.size < 2:
-        return mean, None
-    return mean, float(1.96 * a.std(ddof=1) / math.sqrt(a.size))
-
-
-def run_episodes(learner, episodes, steps: int, classification: bool) -> Tuple[List[float], List[float]]:
-    """Per-episode query losses and accuracies after ``steps`` inner steps."""
-    losses: List[float] = []
-    accs: List[float] = []
-    for sx, sy, qx, qy in episodes:
-        out = learner.evaluate(sx, sy, qx, qy, steps=steps)
-        losses.extend(out.task_losses.double().cpu().tolist())
-        if classification and out.task_accuracy is not None:
-            accs.extend(out.task_accuracy.double().cpu().tolist())
-    return losses, accs
-
-
 # -- loading ---------------------------------------------------------------------------------------
 
 def load_run(path: str) -> Tuple[Dict[str, Any], Path, Path]:
@@ -120,8 +98,6 @@ def check_run_config(ckpt: Dict[str, Any], path: Path) -> None:
     mixed-up file), as ``fastmaml train --resume`` does: the differences that matter to a run (all
     keys but those a resume may change, such as ``iterations``) are named. Nothing to compare when
     the folder has no readable ``config.json``."""
-    from .train import RESUMABLE, describe_differences, read_json
-
     folder_config = read_json(path.parent / "config.json")
     if folder_config is None:
         return
@@ -249,15 +225,11 @@ def summary_line(result: Dict[str, Any]) -> str:
 
 
 def main(args) -> int:
-    from .termination import sigterm_raises
-
     with sigterm_raises():  # SIGTERM ends eval with a message, as Ctrl-C does (eval.json is not written)
         return _main(args)
 
 
 def _main(args) -> int:
-    from .progress import Progress
-
     keep_freed_memory()
     device = resolve_device(args.device)
     set_threads(args.threads)

@@ -8,7 +8,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (no pi
     optimizer     the Adam state_dict        rng         {"torch", "cuda", "numpy", "python", "sampler"}
     progress      {"elapsed": seconds of training, "window": sums of the metrics since the last log line,
                    "metrics": metrics.jsonl as written then, {"lines", "bytes", "sha256"} (absent in
-                   older checkpoints; see :mod:`fastmaml.metrics_file`)}
+                   older checkpoints; see :mod:`fastmaml.app.metrics_file`)}
     device        the device it was trained on (informational)
 
 Writing (:func:`save`): ``torch.save`` into a temporary file in the same folder, flush, fsync,
@@ -42,9 +42,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..fsutil import atomic_write
 from . import metrics_file
-from .configs import UserError
-from .fsutil import atomic_write
+from .errors import UserError
 
 FORMAT = "fastmaml-checkpoint"
 VERSION = 1

@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .configs import UserError
+from ..fsutil import atomic_write
+from .errors import UserError
 
 FILENAME = "run.json"
 
@@ -35,8 +36,6 @@ def user_data_folder(given: Optional[str], dataset_root: Optional[Path], dataset
 
 def record(run_dir: Path, data_folder: str) -> None:
     """Write ``run.json`` atomically."""
-    from .fsutil import atomic_write
-
     text = json.dumps({"data": data_folder}, indent=2) + "\n"
     with atomic_write(run_dir / FILENAME, suffix=".tmp") as f:
         f.write(text.encode())

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .fsutil import atomic_write
+from ..fsutil import atomic_write
 
 __all__ = ["MetricsWriter", "prepare_resume", "parse_lines", "check_record"]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-from .configs import UserError
+from .errors import UserError
 
 COMMAND_HELP = "time and measure the memory of a meta-step: the engine vs the reference, torch.func, learn2learn, ..."
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # fastmaml/ (this file is fastmaml/app/bench_command.py)
 CHECKOUT = PACKAGE.parent  # the folder holding bench/ in a source checkout
 
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .configs import UserError
+from .errors import UserError
 from .evaluate import _positive_int  # one parser for a positive count, shared with `eval`
+from .evaluate import load_run, restore_learner
+from .learner import resolve_device
+from .run_folder import check_writable, read_json, read_metrics
+from .termination import sigterm_raises
 
 COMMAND_HELP = "plot a run's learning curves (and, for sinusoid, the paper's Figure 2) as PNGs"
 
@@ -92,9 +96,7 @@ def sinusoid_figure(run_dir: Path, path: Path, tasks: int, device: str, loaded=N
     what ``evaluate.load_run`` returned, if it was called already)."""
     import torch
 
-    from . import data
-    from .evaluate import load_run, restore_learner
-    from .train import resolve_device
+    from .. import data
 
     ckpt, _, ckpt_path = loaded if loaded is not None else load_run(str(run_dir))
     config, learner = restore_learner(ckpt, ckpt_path, resolve_device(device))
@@ -163,7 +165,6 @@ def mse_by_step(result: Dict[str, Any], path: Path) -> Path:
 
 def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
     from .checkpoint import FILENAME, PREV_FILENAME
-    from .train import check_writable, read_json, read_metrics
 
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise UserError(f"--tasks {tasks}: expected a positive int (the held-out sinusoid tasks to draw)")
@@ -183,8 +184,6 @@ def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
     check_writable(out_dir, "the plots", "make the run folder writable, or copy the run to a writable folder")
     loaded = None
     if config.get("dataset") == "sinusoid" and ((run_dir / FILENAME).exists() or (run_dir / PREV_FILENAME).exists()):
-        from .evaluate import load_run
-
         loaded = load_run(str(run_dir))  # validated before anything is drawn
     out_dir.mkdir(exist_ok=True)
     name = config.get("config", run_dir.name)
@@ -199,8 +198,6 @@ def plot_run(run_dir: Path, tasks: int = 3, device: str = "cpu") -> List[Path]:
 
 
 def main(args) -> int:
-    from .termination import sigterm_raises
-
     with sigterm_raises():  # SIGTERM ends plot with a message, as Ctrl-C does
         for p in plot_run(Path(args.run), args.tasks, args.device):
             print(p)

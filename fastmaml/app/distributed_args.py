@@ -1,6 +1,6 @@
 """The command-line options of data-parallel training (``--nproc``, ``--dist-timeout``).
 
-Apart from :mod:`fastmaml.distributed`, which imports torch: ``fastmaml train --help`` and argument
+Apart from :mod:`fastmaml.app.distributed_train`, which imports torch: ``fastmaml train --help`` and argument
 errors must answer without importing it (tests/test_cli_startup.py).
 """
 
