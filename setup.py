@@ -8,9 +8,11 @@ must be pinned by the user or CI to the local torch wheel, here 2.13.0):
 What gets built:
 
 * a CPU build of torch (``torch.version.cuda is None``), or CUDA torch without a CUDA toolkit:
-  ``CppExtension`` from ``csrc/ops.cpp`` (schemas + CPU kernels);
-* a CUDA build of torch with ``CUDA_HOME`` found: ``CUDAExtension`` from ``csrc/ops.cpp``,
-  ``csrc/cuda_ops.cpp`` and ``kernels/fused_ops.cu`` with ``-DFASTMAML_WITH_CUDA``; the target
+  ``CppExtension`` from ``csrc/module.cpp`` (the Python module) and ``csrc/cpu/*.cpp`` (one file per
+  op family, each registering its schemas and CPU kernels: flat ops, convolution, the BatchNorm
+  block, CG);
+* a CUDA build of torch with ``CUDA_HOME`` found: ``CUDAExtension`` from those and ``csrc/cuda/``
+  (``cuda_ops.cpp``, ``fused_ops.cu``) with ``-DFASTMAML_WITH_CUDA``; the target
   architectures follow ``TORCH_CUDA_ARCH_LIST`` (torch's own handling).
 
 Environment variables:
@@ -90,7 +92,7 @@ def _progress_stream():
 
 def _show_ninja_progress(cpp_extension) -> None:
     """Replace torch's ``ninja -v`` runner with one that prints a line as each unit finishes
-    (``[2/3] csrc/layers.cpp compiled (79 s elapsed)``; ninja reports a unit when it ends when its
+    (``[2/3] csrc/cpu/batchnorm.cpp compiled (79 s elapsed)``; ninja reports a unit when it ends when its
     output is a pipe) and keeps the full compiler output in
     ``build/fastmaml-build.log`` (shown in full on a failure). A torch without the private hook builds
     as before, without the progress lines."""
@@ -148,7 +150,9 @@ def _extensions():
     omp = [] if os.environ.get("FASTMAML_OPENMP", "1") == "0" else _openmp_flags(torch)
     cxx_flags = ["-O3"] + omp
     link_flags = list(omp)
-    sources = ["csrc/ops.cpp", "csrc/layers.cpp", "csrc/cg_ops.cpp"]
+    # One unit per op family (csrc/cpu/); the Python module init on its own.
+    sources = ["csrc/module.cpp", "csrc/cpu/flat_checks.cpp", "csrc/cpu/flat_ops.cpp",
+               "csrc/cpu/conv.cpp", "csrc/cpu/batchnorm.cpp", "csrc/cpu/cg.cpp"]
     include_dirs = [ROOT]
 
     use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -158,7 +162,7 @@ def _extensions():
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             name="fastmaml._C",
-            sources=sources + ["csrc/cuda_ops.cpp", "kernels/fused_ops.cu"],
+            sources=sources + ["csrc/cuda/cuda_ops.cpp", "csrc/cuda/fused_ops.cu"],
             include_dirs=include_dirs,
             define_macros=[("FASTMAML_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},

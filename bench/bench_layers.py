@@ -9,10 +9,11 @@ For the BatchNorm blocks also ``cpp_base``: the same C++ kernels in their baseli
     python bench/bench_layers.py                 # prints a table, writes bench/results/layers_cpu.json
     python bench/bench_layers.py --repeats 3 --n 5
 
-Before / after a change of csrc/layers.cpp, in one interleaved run: build the old source into a
-library of its own whose ops are registered under another namespace (``--before-lib``, e.g. with
-torch.utils.cpp_extension.load after renaming ``TORCH_LIBRARY_FRAGMENT(fastmaml`` and
-``TORCH_LIBRARY_IMPL(fastmaml`` to the namespace given by ``--before-ns``): a column ``before``.
+Before / after a change of csrc/cpu/conv.cpp or csrc/cpu/batchnorm.cpp, in one interleaved run: build
+the old source into a library of its own whose ops are registered under another namespace
+(``--before-lib``, e.g. with torch.utils.cpp_extension.load after renaming
+``TORCH_LIBRARY_FRAGMENT(fastmaml`` and ``TORCH_LIBRARY_IMPL(fastmaml`` to the namespace given by
+``--before-ns``): a column ``before``.
 
 Medians of interleaved repeats (the implementations of one row alternate, so that machine noise
 hits them alike). A benchmark, not a test.
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "layers_cpu.json"))
-    ap.add_argument("--before-lib", default=None, help="an older build of csrc/layers.cpp (see above)")
+    ap.add_argument("--before-lib", default=None, help="an older build of the layer kernels (csrc/cpu/; see above)")
     ap.add_argument("--before-ns", default="fmbase", help="the torch.ops namespace of --before-lib")
     args = ap.parse_args(argv)
     if not C.AVAILABLE:

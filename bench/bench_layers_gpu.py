@@ -1,4 +1,4 @@
-"""Triton layer kernels (fastmaml/triton/layers.py) against the PyTorch reference (fastmaml/layers/reference.py)
+"""Triton layer kernels (fastmaml/triton/layers/) against the PyTorch reference (fastmaml/layers/reference.py)
 on a CUDA device, at the conv4 shapes of the standard workload.
 
 Shapes: T tasks (32), N images per task (5: the support set of 5-way 1-shot; 75: its 15-query set),

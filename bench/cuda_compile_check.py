@@ -1,4 +1,4 @@
-"""Compile kernels/*.cu with nvcc for sm_80 and sm_90 (no GPU needed) and check that every kernel can launch.
+"""Compile csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no GPU needed) and check that every kernel can launch.
 
     python bench/cuda_compile_check.py                         # nvcc from PATH
     python bench/cuda_compile_check.py --nvcc /path/to/nvcc --json out.json
@@ -148,15 +148,15 @@ def compile_file(nvcc: str, path: str, flags: str, max_spills: Optional[int], wo
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nvcc", default=shutil.which("nvcc"), help="the nvcc to use (default: nvcc on PATH)")
-    ap.add_argument("--files", nargs="+", default=None, help="the .cu files (default: kernels/*.cu)")
+    ap.add_argument("--files", nargs="+", default=None, help="the .cu files (default: csrc/cuda/*.cu)")
     ap.add_argument("--flags", nargs="+", default=list(FLAGS), choices=list(FLAGS), help="flag sets (default: all)")
     ap.add_argument("--max-spills", type=int, default=None, help="fail a kernel spilling more bytes than this")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if not args.nvcc or not os.access(args.nvcc, os.X_OK):
         ap.error(f"--nvcc must be an executable nvcc; got {args.nvcc!r} (none on PATH?)")
-    files = args.files or sorted(os.path.join(REPO, "kernels", f) for f in os.listdir(os.path.join(REPO, "kernels"))
-                                 if f.endswith(".cu"))
+    cuda_dir = os.path.join(REPO, "csrc", "cuda")
+    files = args.files or sorted(os.path.join(cuda_dir, f) for f in os.listdir(cuda_dir) if f.endswith(".cu"))
     if not files:
         ap.error("no .cu files to compile")
 

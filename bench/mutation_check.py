@@ -84,7 +84,7 @@ MUTANTS: List[Mutant] = [
            '        if self.mode == "per_layer_per_step":\n            return lr[k], True',
            '        if self.mode == "per_layer_per_step":\n            return lr[min(k + 1, lr.shape[0] - 1)], True',
            ENGINE_TESTS, "MAML++ LSLR: step k uses step k+1's per-layer rates", issue15=True),
-    Mutant("cpp_segment_dot_col_stride", "fused op (C++)", "csrc/ops.cpp",
+    Mutant("cpp_segment_dot_col_stride", "fused op (C++)", "csrc/cpu/flat_ops.cpp",
            "const int64_t c0 = b * kColBlock;", "const int64_t c0 = b * kChunk;",
            CPP_TESTS, "per-element (Meta-SGD) reductions wrong past 8,192 columns", issue15=True),
     Mutant("bn_running_stats", "engine", "fastmaml/functional.py",
@@ -148,10 +148,10 @@ MUTANTS: List[Mutant] = [
     Mutant("reference_ops_reverse_step_ignores_w", "fused op (Python)", "fastmaml/kernels/flat_torch.py",
            "        out = out + w * gq\n", "        out = out + gq\n",
            PY_OP_TESTS, "the pure-PyTorch reverse_step ignores the weight w of the query gradient"),
-    Mutant("cpp_inner_update_scalar_tail", "fused op (C++)", "csrc/ops.cpp",
+    Mutant("cpp_inner_update_scalar_tail", "fused op (C++)", "csrc/cpu/flat_ops.cpp",
            "row_s(t, c0, c1, lr[0]);", "row_s(t, c0, c1 - (c == nchunks - 1 ? 1 : 0), lr[0]);",
            CPP_TESTS, "scalar-lr elementwise ops leave the last column of each row unwritten"),
-    Mutant("cpp_fragmented_run_sum_short", "fused op (C++)", "csrc/ops.cpp",
+    Mutant("cpp_fragmented_run_sum_short", "fused op (C++)", "csrc/cpu/flat_ops.cpp",
            "for (int64_t i = r.begin - c0; i < r.end - c0; ++i) s += acc[i];",
            "for (int64_t i = r.begin - c0; i < r.end - c0 - 1; ++i) s += acc[i];",
            CPP_TESTS, "per-segment reductions over many short segments drop the last element of each"),
@@ -179,62 +179,64 @@ MUTANTS: List[Mutant] = [
            "a0 = (1.0 - mom) ** F", "a0 = (1.0 - mom) ** (F - 1)",
            BN_TESTS, "the running statistics decay one update too little per call"),
     # -- issue 21: the fused path's layer kernels, every pass of every layer family ----------------
-    # C++ (csrc/layers.cpp; the BatchNorm block's kernels in csrc/layers_bn.inc, built twice:
-    # baseline and AVX-512)
-    Mutant("cpp_conv_forward_bias_of_first_task", "fused layers (C++)", "csrc/layers.cpp",
+    # C++ (csrc/cpu/conv.cpp; the BatchNorm block's kernels in csrc/cpu/batchnorm_{pool,rows,passes}.inc,
+    # built twice: baseline and AVX-512)
+    Mutant("cpp_conv_forward_bias_of_first_task", "fused layers (C++)", "csrc/cpu/conv.cpp",
            "hb ? b[t] : Tensor()", "hb ? b[0] : Tensor()",
            CPP_LAYER_TESTS, "conv forward (C++): every task adds task 0's bias (the adapted biases ignored)"),
-    Mutant("cpp_conv_wgrad_drops_last_example", "fused layers (C++)", "csrc/layers.cpp",
+    Mutant("cpp_conv_wgrad_drops_last_example", "fused layers (C++)", "csrc/cpu/conv.cpp",
            "for (int64_t n = 1; n < N; ++n) dwt.addmm_(dyt[n], cols[n].t());",
            "for (int64_t n = 1; n < N - 1; ++n) dwt.addmm_(dyt[n], cols[n].t());",
            CPP_LAYER_TESTS, "conv backward (C++): the weight gradient misses each task's last example"),
-    Mutant("cpp_conv_wgrad_stride_as_dilation", "fused layers (C++)", "csrc/layers.cpp",
+    Mutant("cpp_conv_wgrad_stride_as_dilation", "fused layers (C++)", "csrc/cpu/conv.cpp",
            "at::im2col(x[t], {kh, kw}, {1, 1}, {padding, padding},\n"
            "                                         {stride, stride});",
            "at::im2col(x[t], {kh, kw}, {stride, stride}, {padding, padding},\n"
            "                                         {1, 1});",
            CPP_LAYER_TESTS, "conv backward (C++): im2col's dilation and stride swapped (wrong at stride 2 only)"),
-    Mutant("cpp_bn_items_skip_last", "fused layers (C++)", "csrc/layers_bn.inc",
+    Mutant("cpp_bn_items_skip_last", "fused layers (C++)", "csrc/cpu/batchnorm_passes.inc",
            "const int64_t items = g.T * g.C;", "const int64_t items = g.T * g.C - 1;",
            CPP_LAYER_TESTS, "BatchNorm block (C++, all four passes): the last task's last channel never computed"),
-    Mutant("cpp_bn_sum_row_tail_short", "fused layers (C++)", "csrc/layers_bn.inc",
+    Mutant("cpp_bn_sum_row_tail_short", "fused layers (C++)", "csrc/cpu/batchnorm_rows.inc",
            "for (int l = 0; j < n; ++j, ++l) acc[l] += static_cast<double>(z[j]);",
            "for (int l = 0; j + 1 < n; ++j, ++l) acc[l] += static_cast<double>(z[j]);",
            CPP_LAYER_TESTS, "BatchNorm forward (C++): the mean's remainder loop (H*W mod 8) drops its last element"),
-    Mutant("cpp_avx512_double_tail_mask_short", "fused layers (C++)", "csrc/layers_bn.inc",
+    Mutant("cpp_avx512_double_tail_mask_short", "fused layers (C++)", "csrc/cpu/batchnorm_pool.inc",
            "n >= L ? M(0xFF) : M((1u << n) - 1u)", "n >= L ? M(0xFF) : M((1u << (n - 1)) - 1u)",
            CPP_LAYER_TESTS, "BatchNorm block (C++ AVX-512 build, float64): a vector tail's mask one lane short"),
-    Mutant("cpp_bn_backward_k1_uses_dbeta", "fused layers (C++)", "csrc/layers_bn.inc",
+    Mutant("cpp_bn_backward_k1_uses_dbeta", "fused layers (C++)", "csrc/cpu/batchnorm_passes.inc",
            "const S k1 = static_cast<S>(static_cast<double>(ga) * sdg * Minv);",
            "const S k1 = static_cast<S>(static_cast<double>(ga) * sdb * Minv);",
            CPP_LAYER_TESTS, "BatchNorm backward (C++): dz's xh term scaled by sum da instead of sum da xh"),
-    Mutant("cpp_bn_rforward_unpooled_drops_ubeta", "fused layers (C++)", "csrc/layers_bn.inc",
+    Mutant("cpp_bn_rforward_unpooled_drops_ubeta", "fused layers (C++)", "csrc/cpu/batchnorm_rows.inc",
            "const S ra = ga * rxh + ug * xh + ub;", "const S ra = ga * rxh + ug * xh;",
            CPP_LAYER_TESTS, "BatchNorm R-forward (C++, no pool; baseline build pooled too): the shift's "
            "direction dropped"),
-    Mutant("cpp_bn_rbackward_k3_drops_ugamma", "fused layers (C++)", "csrc/layers_bn.inc",
+    Mutant("cpp_bn_rbackward_k3_drops_ugamma", "fused layers (C++)", "csrc/cpu/batchnorm_passes.inc",
            "(gad * s4 + ugd * s2 + gad * s5) * Minv", "(gad * s4 + gad * s5) * Minv",
            CPP_LAYER_TESTS, "BatchNorm R-backward (C++): mean(R{dxh} xh) misses the scale direction's u_gamma S2"),
-    # Triton (fastmaml/triton/layers.py; run by the interpreter on the CPU)
-    Mutant("triton_conv_cin1_bias_task_stride", "fused layers (Triton)", "fastmaml/triton/layers.py",
+    # Triton (fastmaml/triton/layers/{conv,batchnorm,batchnorm_rop}.py; run by the interpreter on the CPU)
+    Mutant("triton_conv_cin1_bias_task_stride", "fused layers (Triton)", "fastmaml/triton/layers/conv.py",
            "bv = tl.load(b_ptr + t.to(tl.int64) * O + o,", "bv = tl.load(b_ptr + o,",
            TRITON_LAYER_TESTS, "one-channel conv forward (Triton): every task adds task 0's bias"),
-    Mutant("triton_conv_cin1_wgrad_split_rows_overlap", "fused layers (Triton)", "fastmaml/triton/layers.py",
+    Mutant("triton_conv_cin1_wgrad_split_rows_overlap", "fused layers (Triton)", "fastmaml/triton/layers/conv.py",
            "row = pid.to(tl.int64) * SPLIT + s", "row = pid.to(tl.int64) + s",
            TRITON_LAYER_TESTS, "one-channel conv weight gradient (Triton): pixel chunks (SPLIT > 1, the GPU's path) "
            "written to overlapping workspace rows"),
-    Mutant("triton_bn_forward_var_drops_shift", "fused layers (Triton)", "fastmaml/triton/layers.py",
+    Mutant("triton_bn_forward_var_drops_shift", "fused layers (Triton)", "fastmaml/triton/layers/batchnorm.py",
            "var = tl.maximum(tl.sum(s2, axis=0) / Mf - dm * dm, 0.0)", "var = tl.maximum(tl.sum(s2, axis=0) / Mf, 0.0)",
            TRITON_LAYER_TESTS, "BatchNorm forward (Triton): the shifted variance misses -(mean - K)^2 (wrong when a "
            "channel spans several blocks)"),
-    Mutant("triton_bn_window_grad_odd_row", "fused layers (Triton)", "fastmaml/triton/layers.py",
+    Mutant("triton_bn_window_grad_odd_row", "fused layers (Triton)", "fastmaml/triton/layers/batchnorm.py",
            "inwin = m & (ho < Ho) & (wo < Wo)", "inwin = m & (wo < Wo)",
            TRITON_LAYER_TESTS, "BatchNorm backward (Triton, pooled): a dropped odd last row takes a neighbour's "
            "gradient"),
-    Mutant("triton_bn_rforward_argmax_row_col_swapped", "fused layers (Triton)", "fastmaml/triton/layers.py",
+    Mutant("triton_bn_rforward_argmax_row_col_swapped", "fused layers (Triton)",
+           "fastmaml/triton/layers/batchnorm_rop.py",
            "(2 * ho + p // 2) * W + 2 * wo + p % 2", "(2 * ho + p % 2) * W + 2 * wo + p // 2",
            TRITON_LAYER_TESTS, "BatchNorm R-forward (Triton, pooled): the argmax's row and column bits swapped"),
-    Mutant("triton_bn_rbackward_mean_rdxh_drops_ugamma", "fused layers (Triton)", "fastmaml/triton/layers.py",
+    Mutant("triton_bn_rbackward_mean_rdxh_drops_ugamma", "fused layers (Triton)",
+           "fastmaml/triton/layers/batchnorm_rop.py",
            "mean_rdxh = (g * S3 + ug * S1) / Mf", "mean_rdxh = g * S3 / Mf",
            TRITON_LAYER_TESTS, "BatchNorm R-backward (Triton): mean R{dxh} misses the scale direction's u_gamma S1"),
     # the runner nodes (fastmaml/layers/<family>.py): the passes of the layers run with the torch
@@ -284,7 +286,7 @@ MUTANTS: List[Mutant] = [
            "passes with 1; FusedModel.hvp after grad(scale=s) is s times off)"),
 ]
 
-CPP_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp", ".inc")  # .inc: csrc/layers_bn.inc
+CPP_SUFFIXES = (".cpp", ".cu", ".cuh", ".h", ".hpp", ".inc")  # .inc: csrc/cpu/batchnorm_*.inc
 
 
 # -- mechanics -------------------------------------------------------------------------------------

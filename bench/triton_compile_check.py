@@ -10,7 +10,7 @@ that keeps the arguments and runs nothing. So the kernels get exactly the conste
 pointer dtypes and integer specializations (an int equal to 1 becomes a constexpr, a multiple of 16
 gets a divisibility hint) that the launchers give them: Triton's own argument binder computes the
 signature (``JITFunction._pack_args``). GPU-only launcher choices are reached through the hooks the tests
-patch too: ``ops._config`` (tasks split over programs, ``SPLIT``), ``layers._CONV_SPLIT``. There is no
+patch too: ``ops._config`` (tasks split over programs, ``SPLIT``), ``layers.conv._CONV_SPLIT``. There is no
 ``triton.autotune`` in the package; a kernel that gains one must get its configs here.
 By default every value of every launcher choice (constexpr branch, BLOCK / num_warps, dtype, int
 specialization) is compiled at least once, in float32 and float64 (``_variants``: the widest
@@ -61,12 +61,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kernel_modules() -> List[str]:
-    """Every module of the package ``fastmaml.triton`` (ops, layers, cg_ops today; a new one is checked too)."""
+    """Every module of the package ``fastmaml.triton``, subpackages included (ops, cg_ops and the modules of
+    the layers package, one per layer family, today; a new one is checked too)."""
     import pkgutil
 
     import fastmaml.triton as package
 
-    return sorted(f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__))
+    return sorted(m.name for m in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."))
 
 
 @dataclass(frozen=True)
@@ -207,13 +208,14 @@ def _split_tasks(ops, split: bool):
 
 @contextlib.contextmanager
 def _conv_split(layers, split: int):
-    """Split each image's pixel blocks over ``split`` programs, as the weight gradient does on a GPU."""
-    original = layers._CONV_SPLIT
-    layers._CONV_SPLIT = split
+    """Split each image's pixel blocks over ``split`` programs, as the weight gradient does on a GPU (the
+    setting lives in the family's module, ``layers.conv``)."""
+    original = layers.conv._CONV_SPLIT
+    layers.conv._CONV_SPLIT = split
     try:
         yield
     finally:
-        layers._CONV_SPLIT = original
+        layers.conv._CONV_SPLIT = original
 
 
 FULL_DTYPES = ("float32", "float64")  # every branch value, in the default tier too
@@ -275,8 +277,8 @@ def scenarios(full: bool = False) -> Iterator[Tuple[str, Callable[[], object]]]:
         yield label("cg_step", dname, v), lambda x=x, c=coef: cg_ops.cg_step(x, x, x, x, c)
         yield label("cg_direction", dname, v), lambda x=x, c=coef: cg_ops.cg_direction(x, x, c)
 
-    # --- BatchNorm + activation + pool: (BLOCK, num_warps) = layers._bn_config(N H W); the shapes (N, C, H, W)
-    # give every BLOCK from 1024 (Omniglot's 28x28 first block) down to 32. gamma, beta, u_gamma are views of
+    # --- BatchNorm + activation + pool: (BLOCK, num_warps) = layers.batchnorm._bn_config(N H W); the shapes
+    # (N, C, H, W) give every BLOCK from 1024 (Omniglot's 28x28 first block) down to 32. gamma, beta, u_gamma are views of
     # the [T, P] fast weights, as the engine passes them (a stride of 1 becomes a constant).
     bn_shapes = [(5, 8, 28, 28), (5, 8, 10, 10), (5, 8, 7, 7), (5, 8, 5, 5), (5, 8, 3, 3), (5, 8, 2, 2)]
     flags = [True, False]

@@ -1,4 +1,4 @@
-"""Compile check of the plain-CUDA device code in kernels/*.cu with nvcc (no GPU, no torch needed).
+"""Compile check of the plain-CUDA device code in csrc/cuda/*.cu with nvcc (no GPU, no torch needed).
 
 Skipped when nvcc is not on PATH. Each file is compiled for sm_80 and sm_90 with -std=c++17, and
 once more the way a CUDA build of torch compiles it from setup.py (C++20 and torch's
@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CU_FILES = sorted((ROOT / "kernels").glob("*.cu"))
+CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -34,7 +34,7 @@ CONFIGS = {
 
 
 def test_there_are_cu_files():
-    assert CU_FILES, "no kernels/*.cu found"
+    assert CU_FILES, "no csrc/cuda/*.cu found"
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

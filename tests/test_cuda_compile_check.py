@@ -41,7 +41,7 @@ def test_launch_rules():
 
 
 def test_block_size_of_the_kernels_and_a_foreign_launch():
-    src = (ROOT / "kernels" / "fused_ops.cu").read_text()
+    src = (ROOT / "csrc" / "cuda" / "fused_ops.cu").read_text()
     assert ccc.block_size(src, "fused_ops.cu") == 256
     with pytest.raises(ValueError, match="not kThreads"):
         ccc.block_size(src + "\nvoid f() { k<<<grid, 512, 0, s>>>(x); }\n", "fused_ops.cu")

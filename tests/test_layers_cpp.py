@@ -1,5 +1,5 @@
-"""The C++ CPU layer kernels (csrc/layers.cpp via fastmaml.layers.cpp) against their reference,
-fastmaml/layers/reference.py (itself checked against autograd in tests/test_layers.py).
+"""The C++ CPU layer kernels (csrc/cpu/conv.cpp, csrc/cpu/batchnorm.cpp via fastmaml.layers.cpp) against their
+reference, fastmaml/layers/reference.py (itself checked against autograd in tests/test_layers.py).
 
 float64: whole-output relative error <= 1e-12 (every output of a call together).
 float32: whole-output relative error <= F32_TOL = 2e-6 against the float32 reference (measured:

@@ -1,4 +1,4 @@
-"""The Triton layer kernels (fastmaml/triton/layers.py) against the reference (fastmaml/layers/reference.py).
+"""The Triton layer kernels (fastmaml/triton/layers/) against the reference (fastmaml/layers/reference.py).
 
 Without CUDA the kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1, set below
 before triton is imported); with CUDA the compiled kernels run on the GPU. The interpreter is slow
@@ -241,8 +241,8 @@ def _all_four(request, c, pool, slope):
 def test_bn_small_blocks(request, monkeypatch):
     """Blocks of 32 elements: several loop iterations per (task, channel) and a masked tail
     (N H W = 3 * 7 * 5 = 105 = 3 * 32 + 9; pooled 3 * 3 * 2 = 18), for both pools."""
-    monkeypatch.setattr(tl_layers, "_BN_MIN_BLOCK", 16)
-    monkeypatch.setattr(tl_layers, "_BN_MAX_BLOCK", 32)
+    monkeypatch.setattr(tl_layers.batchnorm, "_BN_MIN_BLOCK", 16)
+    monkeypatch.setattr(tl_layers.batchnorm, "_BN_MAX_BLOCK", 32)
     for pool in POOLS:
         _all_four(request, _Case(request, torch.float64, pool, 0.2), pool, 0.2)
 
@@ -297,8 +297,8 @@ def test_conv_cin1(request, dtype, stride):
 def test_conv_cin1_small_blocks_split(request, monkeypatch, stride):
     """16 pixels per program (several blocks and a masked tail), and the weight gradient's pixel
     chunks split over 3 programs per image (the GPU's path)."""
-    monkeypatch.setattr(tl_layers, "_CONV_PIX_BLOCK", 16)
-    monkeypatch.setattr(tl_layers, "_CONV_SPLIT", 3)
+    monkeypatch.setattr(tl_layers.conv, "_CONV_PIX_BLOCK", 16)
+    monkeypatch.setattr(tl_layers.conv, "_CONV_SPLIT", 3)
     gen = _gen(request)
     T, N, O, H, W = 2, 2, 3, 9, 8  # 72 pixels (stride 1) = 4 * 16 + 8; 20 (stride 2) = 16 + 4
     x = _activation(gen, (T, N, 1, H, W), torch.float64)

@@ -1,9 +1,9 @@
 // fastmaml fused CUDA ops: host launchers (plain CUDA, no ATen/c10/torch).
 //
-// This header is included by csrc/cuda_ops.cpp (compiled by the host C++ compiler) and by
-// kernels/fused_ops.cu (nvcc). It declares host functions only; the kernels live in the .cu file.
+// This header is included by csrc/cuda/cuda_ops.cpp (compiled by the host C++ compiler) and by
+// csrc/cuda/fused_ops.cu (nvcc). It declares host functions only; the kernels live in the .cu file.
 // Compile the device code alone with, e.g.:
-//     nvcc -std=c++17 -O3 -arch=sm_90 -c kernels/fused_ops.cu -o /tmp/fused_ops.o
+//     nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/cuda/fused_ops.cu -o /tmp/fused_ops.o
 //
 // Layout (docs/engine.md section 3): T tasks' fast weights are one row-major [T, P] buffer
 // (num_tasks = T rows of P elements); meta-parameters are [P]. All pointers are device pointers

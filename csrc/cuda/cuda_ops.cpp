@@ -1,7 +1,10 @@
-// fastmaml CUDA host wrapper: checks the tensors, allocates the outputs and the reduction
-// workspace (torch's caching allocator), and calls the plain-CUDA launchers of
-// kernels/fused_ops.cuh on the current stream. Compiled only in a CUDA build of torch
-// (setup.py defines FASTMAML_WITH_CUDA); the op schemas come from csrc/ops.cpp.
+// Family: the flat-layout ops (inner_update, scale, segment_dot, reverse_step) on CUDA: the torch
+// host wrapper. Same math and shapes as their CPU kernels (csrc/cpu/flat_ops.cpp; [T, P] rows of
+// fast weights, a rate a[p] scalar / per segment / per element; docs/design.md). It checks the
+// tensors (csrc/cpu/flat_checks.h), allocates the outputs and the reduction workspace (torch's
+// caching allocator), and calls the plain-CUDA launchers of csrc/cuda/fused_ops.cuh on the current
+// stream. Compiled only in a CUDA build of torch (setup.py defines FASTMAML_WITH_CUDA); the op
+// schemas come from csrc/cpu/flat_ops.cpp.
 //
 // Segment ids are NOT range-checked here: that would need a device->host sync on every call. The
 // Python layer validates them; the kernels never read out of bounds on a bad id (see the header).
@@ -25,22 +28,10 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../kernels/fused_ops.cuh"
+#include "../cpu/flat_checks.h"  // the argument checks, shared with the CPU kernels
+#include "fused_ops.cuh"
 
 namespace fastmaml {
-namespace detail {
-// Defined in csrc/ops.cpp (keep these declarations in sync with it).
-std::string shape_str(at::IntArrayRef sizes);
-void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
-                   const char* ref_name);
-void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
-                      const char* ref_name);
-void check_inner_update_shapes(const at::Tensor& theta, const at::Tensor& grad, int64_t* T,
-                               int64_t* P);
-int64_t check_lr(const char* op, const at::Tensor& data, const char* data_name,
-                 const at::Tensor& lr, const std::optional<at::Tensor>& segments, int64_t P,
-                 int64_t* num_lr);
-}  // namespace detail
 
 namespace cuda_impl {
 namespace {

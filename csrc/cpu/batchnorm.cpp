@@ -1,21 +1,25 @@
-// fastmaml task-batched layer kernels on the CPU: convolutions parallel over tasks, and the fused
-// BatchNorm (per-task batch statistics) + activation + 2x2 max-pool block in four passes (forward,
-// backward, R-forward, R-backward; docs/engine.md section 9).
+// Family: the fused BatchNorm (per-task batch statistics) + activation (ReLU / LeakyReLU of slope
+// `slope`) + optional 2x2 max-pool block on the CPU, in four passes (docs/design.md, the BatchNorm
+// block; docs/engine.md section 9):
+//   bn_act_pool_forward    z [T, N, C, H, W], gamma, beta [T, C] -> out [T, N, C, Ho, Wo],
+//                          mean, rstd [T, C], idx uint8 [T, N, C, Ho, Wo] (pool = 2; else [0])
+//                          out = maxpool(act(gamma (z - mean) rstd + beta))
+//   bn_act_pool_backward   dout -> dz [T, N, C, H, W], dgamma, dbeta [T, C]
+//   bn_act_pool_rforward   R{out}, R{mean} and q [T, C] (the R-operator of the forward along rz,
+//                          ugamma, ubeta)
+//   bn_act_pool_rbackward  R{dz}, R{dgamma}, R{dbeta} (the R-operator of the backward)
+//   bn_kernels_isa         "avx512" or "base": the build the kernels run with now
+// with Ho, Wo = H / 2, W / 2 when pool = 2 (an odd last row / column dropped), else H, W. The
+// semantics are exactly those of fastmaml/layers/reference.py; fastmaml/layers/cpp.py wraps these
+// ops with the reference's Python signatures (None for the optional outputs returned here as empty
+// tensors).
 //
-// The semantics are exactly those of fastmaml/layers/reference.py (every tensor carries the task
-// dimension T first; activations [T, N, C, H, W]); fastmaml/layers/cpp.py wraps these ops with the
-// reference's Python signatures (None for the optional outputs returned here as empty tensors).
-//
-// Convolutions: at::parallel_for over tasks (grain 1), each task's convolution run by ATen
-// (oneDNN / MKL GEMMs) single-threaded inside the parallel region and written into a preallocated
-// [T, ...] output. Small convolutions scale far better across tasks than inside one batch.
-//
-// BatchNorm blocks (csrc/layers_bn.inc): float and double; one work item per (task, channel), a
-// FIXED decomposition (never derived from the thread count), each item computing its reductions in
-// double in a fixed order with kLanes independent partial sums, so every result is bit-identical
-// for any number of threads. Each item makes two passes over its N slices of H*W contiguous
-// elements: the reductions (the forward: the mean, then the squared deviations), then the
-// elementwise output; the backward passes compute the activation's gradient and its sums in one
+// BatchNorm blocks (csrc/cpu/batchnorm_{pool,rows,passes}.inc): float and double; one work item per
+// (task, channel), a FIXED decomposition (never derived from the thread count), each item computing
+// its reductions in double in a fixed order with kLanes independent partial sums, so every result
+// is bit-identical for any number of threads. Each item makes two passes over its N slices of H*W
+// contiguous elements: the reductions (the forward: the mean, then the squared deviations), then
+// the elementwise output; the backward passes compute the activation's gradient and its sums in one
 // loop and keep it for the output loop. Elementwise values are computed in the input dtype in the
 // reference's order (xh = (z - mean) * rstd, a = gamma * xh + beta) so that every pass sees the
 // same activation mask; the max-pool indices are those of the forward (first maximum on ties, as
@@ -39,10 +43,6 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 // The AVX-512 build of the BatchNorm kernels: GCC on x86-64 (#pragma GCC target, with runtime
 // dispatch); elsewhere the baseline build only.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTMAML_NO_AVX512)
@@ -51,6 +51,8 @@
 #else
 #define FASTMAML_AVX512_PATH 0
 #endif
+
+#include "layer_common.h"
 
 // Our loops only (after the includes): without no-trapping-math GCC keeps `a > 0 ? ...` as control
 // flow (a compare may trap) and vectorizes none of the elementwise loops. It changes no result: no
@@ -64,124 +66,7 @@ namespace fastmaml {
 namespace layers {
 namespace {
 
-using at::Tensor;
-using OptT = std::optional<Tensor>;
-
 constexpr int kLanes = 8;  // independent partial sums per reduction (the compiler vectorizes them)
-
-inline bool has(const OptT& t) { return t.has_value() && t->defined(); }
-
-Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
-
-// Inside our parallel region, the libraries a task's convolution calls must see ONE thread.
-// oneDNN plans a primitive for omp_get_max_threads() threads (still the outer count inside a
-// parallel region) and then, nested, runs only the first thread's share: its weight gradient came
-// out as garbage at 2 threads. nthreads-var is a per-task ICV: setting it here changes nothing
-// outside this parallel region's implicit task, and it is restored anyway.
-struct SingleThreadedLibs {
-#ifdef _OPENMP
-  int prev;
-  SingleThreadedLibs() {
-    // ATen sets this thread's thread count on its first parallel call in the thread (from
-    // at::set_num_threads): let that happen now, not inside the convolution, after our setting.
-    at::internal::lazy_init_num_threads();
-    prev = omp_get_max_threads();
-    omp_set_num_threads(1);
-  }
-  ~SingleThreadedLibs() { omp_set_num_threads(prev); }
-#endif
-};
-
-// ---------------------------------------------------------------------------------------------
-// Convolution: y[t] = conv2d(x[t], w[t]) + b[t]
-// ---------------------------------------------------------------------------------------------
-
-void check_conv(const char* op, const Tensor& x, const Tensor& w) {
-  TORCH_CHECK(x.dim() == 5, "fastmaml::", op, ": x must be [T, N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(w.dim() == 5, "fastmaml::", op, ": w must be [T, O, C, kh, kw], got ", w.sizes());
-  TORCH_CHECK(w.size(0) == x.size(0) && w.size(2) == x.size(2), "fastmaml::", op,
-              ": w ", w.sizes(), " does not match x ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "fastmaml::", op, ": x and w dtypes differ");
-}
-
-int64_t conv_out(int64_t in, int64_t k, int64_t stride, int64_t padding) {
-  return (in + 2 * padding - k) / stride + 1;
-}
-
-Tensor conv2d_tasks_cpu(const Tensor& x_, const Tensor& w_, const OptT& b_, int64_t stride,
-                        int64_t padding) {
-  check_conv("conv2d_tasks", x_, w_);
-  const Tensor x = x_.contiguous(), w = w_.contiguous();
-  const bool hb = has(b_);
-  Tensor b;
-  if (hb) {
-    b = b_->contiguous();
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == w.size(0) && b.size(1) == w.size(1),
-                "fastmaml::conv2d_tasks: b must be [T, O], got ", b.sizes());
-  }
-  const int64_t T = x.size(0), N = x.size(1), O = w.size(1);
-  const int64_t Ho = conv_out(x.size(3), w.size(3), stride, padding);
-  const int64_t Wo = conv_out(x.size(4), w.size(4), stride, padding);
-  Tensor y = at::empty({T, N, O, Ho, Wo}, x.options());
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    at::NoGradGuard no_grad;
-    SingleThreadedLibs one_thread;
-    for (int64_t t = t0; t < t1; ++t) {
-      y[t].copy_(at::conv2d(x[t], w[t], hb ? b[t] : Tensor(), {stride, stride}, {padding, padding}));
-    }
-  });
-  return y;
-}
-
-std::tuple<Tensor, Tensor, Tensor> conv2d_tasks_backward_cpu(const Tensor& dy_, const Tensor& x_,
-                                                             const Tensor& w_, int64_t stride,
-                                                             int64_t padding, bool need_dx,
-                                                             bool need_dw, bool need_bias) {
-  check_conv("conv2d_tasks_backward", x_, w_);
-  TORCH_CHECK(dy_.dim() == 5 && dy_.size(0) == x_.size(0) && dy_.size(1) == x_.size(1) &&
-                  dy_.size(2) == w_.size(1),
-              "fastmaml::conv2d_tasks_backward: dy ", dy_.sizes(), " does not match x ", x_.sizes(),
-              " and w ", w_.sizes());
-  const Tensor dy = dy_.contiguous();
-  const int64_t T = x_.size(0);
-  Tensor dx = need_dx ? at::empty(x_.sizes(), dy.options()) : empty0(dy);
-  Tensor dw = need_dw ? at::empty(w_.sizes(), dy.options()) : empty0(dy);
-  Tensor db = need_bias ? at::empty({T, w_.size(1)}, dy.options()) : empty0(dy);
-  if (need_dx || need_dw) {
-    // x only gives the shape when dw is not asked for (and w when dx is not): it may be expanded.
-    const Tensor x = need_dw ? x_.contiguous() : x_;
-    const Tensor w = need_dx ? w_.contiguous() : w_;
-    const int64_t N = x_.size(1), O = w_.size(1), kh = w_.size(3), kw = w_.size(4);
-    const int64_t Ckk = w_.size(2) * kh * kw, L = dy.size(3) * dy.size(4);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      at::NoGradGuard no_grad;
-      SingleThreadedLibs one_thread;
-      for (int64_t t = t0; t < t1; ++t) {
-        if (need_dx) {
-          auto r = at::convolution_backward(dy[t], x[t], w[t], std::nullopt, {stride, stride},
-                                            {padding, padding}, {1, 1}, false, {0, 0}, 1,
-                                            {true, false, false});
-          dx[t].copy_(std::get<0>(r));
-        }
-        if (need_dw) {
-          // dw[t] = sum_n dy[t, n] cols[n]^T (im2col + GEMM): oneDNN's weight gradient, run
-          // from several threads at once, returned garbage for some tasks (a race inside it).
-          const Tensor cols = at::im2col(x[t], {kh, kw}, {1, 1}, {padding, padding},
-                                         {stride, stride});  // [N, C*kh*kw, L]
-          const Tensor dyt = dy[t].view({N, O, L});
-          Tensor dwt = dw[t].view({O, Ckk});
-          at::mm_out(dwt, dyt[0], cols[0].t());
-          for (int64_t n = 1; n < N; ++n) dwt.addmm_(dyt[n], cols[n].t());
-        }
-      }
-    });
-  }
-  if (need_bias) {
-    // db[t, o] = sum over (n, h, w) of dy[t, n, o]: like the reference's dy.sum(dim=(1, 3, 4)).
-    at::sum_out(db, dy, {1, 3, 4});
-  }
-  return {dx, dw, db};
-}
 
 // ---------------------------------------------------------------------------------------------
 // BatchNorm + activation + max-pool
@@ -247,12 +132,13 @@ Tensor check_idx(const char* op, const OptT& idx, const Geo& g) {
   return idx->contiguous();
 }
 
-
-// ---- the BatchNorm kernels, built twice (csrc/layers_bn.inc) ----
+// ---- the BatchNorm kernels, built twice (csrc/cpu/batchnorm_{pool,rows,passes}.inc) ----
 
 #define FM_AVX512 0
 namespace isa_base {
-#include "layers_bn.inc"
+#include "batchnorm_pool.inc"
+#include "batchnorm_rows.inc"
+#include "batchnorm_passes.inc"
 }  // namespace isa_base
 #undef FM_AVX512
 
@@ -261,7 +147,9 @@ namespace isa_base {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define FM_AVX512 1
 namespace isa_avx512 {
-#include "layers_bn.inc"
+#include "batchnorm_pool.inc"
+#include "batchnorm_rows.inc"
+#include "batchnorm_passes.inc"
 }  // namespace isa_avx512
 #undef FM_AVX512
 #pragma GCC pop_options
@@ -408,13 +296,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_pool_rbackward_cpu(
 }  // namespace layers
 }  // namespace fastmaml
 
-// Optional outputs (a gradient not asked for, the pool indices without a pool) are returned as
-// empty [0] tensors; fastmaml/layers/cpp.py maps them to None.
+// Optional outputs (the pool indices without a pool) are returned as empty [0] tensors;
+// fastmaml/layers/cpp.py maps them to None.
 TORCH_LIBRARY_FRAGMENT(fastmaml, m) {
-  m.def("conv2d_tasks(Tensor x, Tensor w, Tensor? b, int stride, int padding) -> Tensor");
-  m.def(
-      "conv2d_tasks_backward(Tensor dy, Tensor x, Tensor w, int stride, int padding, bool need_dx, "
-      "bool need_dw, bool need_bias) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bn_act_pool_forward(Tensor z, Tensor gamma, Tensor beta, float eps, float slope, int pool) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -433,8 +317,6 @@ TORCH_LIBRARY_FRAGMENT(fastmaml, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
-  m.impl("conv2d_tasks", &fastmaml::layers::conv2d_tasks_cpu);
-  m.impl("conv2d_tasks_backward", &fastmaml::layers::conv2d_tasks_backward_cpu);
   m.impl("bn_act_pool_forward", &fastmaml::layers::bn_act_pool_forward_cpu);
   m.impl("bn_act_pool_backward", &fastmaml::layers::bn_act_pool_backward_cpu);
   m.impl("bn_act_pool_rforward", &fastmaml::layers::bn_act_pool_rforward_cpu);

@@ -1,4 +1,6 @@
-// fastmaml C++ extension: the op schemas (TORCH_LIBRARY) and the CPU kernels.
+// Family: the flat-layout ops (inner_update, scale, segment_dot, reverse_step) on the CPU; this file
+// holds TORCH_LIBRARY(fastmaml) (the namespace's one definition block: the flat ops' schemas; the
+// layer families add theirs with TORCH_LIBRARY_FRAGMENT in csrc/cpu/conv.cpp and batchnorm.cpp).
 //
 // Layout (docs/engine.md section 3): the fast weights of T tasks live in one flat [T, P] buffer and
 // the meta-parameters are [P]. A learning rate `lr` has three forms:
@@ -19,9 +21,9 @@
 // before anything is computed; a run is processed with a scalar a. A chunk of many short runs
 // (arbitrary ids) is "fragmented": its a is gathered into a buffer (elementwise ops) or it is
 // reduced column-wise (reductions). Per-element reductions (sum over tasks only) run column-wise.
-
-// The checks below (namespace fastmaml::detail) are shared with csrc/cuda_ops.cpp, which declares
-// them itself: keep the signatures in sync.
+//
+// The argument checks (namespace fastmaml::detail) are in csrc/cpu/flat_checks.{h,cpp}, shared with
+// the CUDA wrappers of csrc/cuda/cuda_ops.cpp.
 
 #include <torch/library.h>
 
@@ -37,122 +39,9 @@
 #include <utility>
 #include <vector>
 
-#ifndef FASTMAML_NO_PYTHON_MODULE
-#include <Python.h>
-// `import fastmaml._C` loads this shared library, which runs the TORCH_LIBRARY static
-// initializers below and so registers torch.ops.fastmaml. The module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef fastmaml_c_module = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // m_name
-      "fastmaml compiled kernels: importing this module registers torch.ops.fastmaml",  // m_doc
-      -1,       // m_size
-      nullptr,  // m_methods
-      nullptr,  // m_slots
-      nullptr,  // m_traverse
-      nullptr,  // m_clear
-      nullptr,  // m_free
-  };
-  return PyModule_Create(&fastmaml_c_module);
-}
-#endif
+#include "flat_checks.h"
 
 namespace fastmaml {
-namespace detail {
-
-// ---------------------------------------------------------------------------------------------
-// Argument checks (shared with csrc/cuda_ops.cpp)
-// ---------------------------------------------------------------------------------------------
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i) os << ", ";
-    os << sizes[i];
-  }
-  os << "]";
-  return os.str();
-}
-
-// `t` is defined, has the dtype and device of `ref` (named `ref_name`), and is [P] or [T, P].
-void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
-                   const char* ref_name) {
-  TORCH_CHECK(t.defined(), "fastmaml::", op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastmaml::", op, ": ", name,
-              " must have dtype ", ref.scalar_type(), " (the dtype of ", ref_name, "), got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fastmaml::", op, ": ", name, " must be on ",
-              ref.device(), " (the device of ", ref_name, "), got ", t.device());
-  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "fastmaml::", op, ": ", name,
-              " must be 1-D [P] or 2-D [T, P], got shape ", shape_str(t.sizes()));
-}
-
-// `t` has exactly the shape of `ref`.
-void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
-                      const char* ref_name) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fastmaml::", op, ": ", name, " must have shape ",
-              shape_str(ref.sizes()), " (matching ", ref_name, "), got ", shape_str(t.sizes()));
-}
-
-// inner_update: theta and grad are each [P] or [T, P]; returns {T, P, theta_per_task,
-// grad_per_task} through the out-parameters. T = 1 when both are [P].
-void check_inner_update_shapes(const at::Tensor& theta, const at::Tensor& grad, int64_t* T,
-                               int64_t* P) {
-  const int64_t p = theta.size(-1);
-  const bool grad_ok = grad.size(-1) == p &&
-                       (grad.dim() == 1 || theta.dim() == 1 || grad.size(0) == theta.size(0));
-  if (!grad_ok) {
-    const std::string tasks = theta.dim() == 2 ? std::to_string(theta.size(0)) : std::string("T");
-    TORCH_CHECK(false, "fastmaml::inner_update: grad must have shape [", tasks, ", ", p, "] or [",
-                p, "] (matching theta), got ", shape_str(grad.sizes()));
-  }
-  *P = p;
-  *T = theta.dim() == 2 ? theta.size(0) : (grad.dim() == 2 ? grad.size(0) : 1);
-}
-
-// Learning-rate form. Checks lr (dtype/device of `data`) and segments; returns the mode
-// (0 scalar, 1 per segment, 2 per element) and the number of lr entries (1, S or P) in *num_lr.
-// Segment ids are NOT range-checked here (the CPU kernels check them while they scan the ids).
-int64_t check_lr(const char* op, const at::Tensor& data, const char* data_name,
-                 const at::Tensor& lr, const std::optional<at::Tensor>& segments, int64_t P,
-                 int64_t* num_lr) {
-  TORCH_CHECK(lr.defined(), "fastmaml::", op, ": lr is an undefined tensor");
-  TORCH_CHECK(lr.scalar_type() == data.scalar_type(), "fastmaml::", op,
-              ": lr must have dtype ", data.scalar_type(), " (the dtype of ", data_name, "), got ",
-              lr.scalar_type());
-  TORCH_CHECK(lr.device() == data.device(), "fastmaml::", op, ": lr must be on ", data.device(),
-              " (the device of ", data_name, "), got ", lr.device());
-  const bool has_seg = segments.has_value() && segments->defined();
-  if (lr.dim() == 0) {
-    *num_lr = 1;
-    return 0;
-  }
-  TORCH_CHECK(lr.dim() == 1, "fastmaml::", op, ": lr must be 0-d (scalar), [S] (per segment, with ",
-              "segments) or [", P, "] (per element, without segments), got shape ",
-              shape_str(lr.sizes()));
-  if (!has_seg) {
-    TORCH_CHECK(lr.size(0) == P, "fastmaml::", op, ": lr of shape ", shape_str(lr.sizes()),
-                " without segments is per element and must have shape [", P,
-                "] (the last dimension of ", data_name, "); pass segments for a per-segment lr");
-    *num_lr = P;
-    return 2;
-  }
-  const at::Tensor& seg = *segments;
-  TORCH_CHECK(seg.scalar_type() == at::kLong, "fastmaml::", op,
-              ": segments must be an int64 tensor, got dtype ", seg.scalar_type());
-  TORCH_CHECK(seg.device() == data.device(), "fastmaml::", op, ": segments must be on ",
-              data.device(), " (the device of ", data_name, "), got ", seg.device());
-  TORCH_CHECK(seg.dim() == 1 && seg.size(0) == P, "fastmaml::", op,
-              ": segments must have shape [", P, "] (one id per element of ", data_name,
-              "), got ", shape_str(seg.sizes()));
-  TORCH_CHECK(lr.size(0) > 0 || P == 0, "fastmaml::", op,
-              ": lr has 0 segments (shape [0]) but segments has ", P, " ids");
-  *num_lr = lr.size(0);
-  return 1;
-}
-
-}  // namespace detail
 
 namespace cpu {
 namespace {

@@ -1,4 +1,5 @@
-// fastmaml: the batched conjugate-gradient vector updates of implicit MAML (issue 14), CPU kernels.
+// Family: CG, the batched conjugate-gradient vector updates of implicit MAML (issue 14), CPU kernels;
+// registers torch.ops.fastmaml_cg (schemas and CPU kernels). Math: docs/design.md (iMAML's solve).
 //
 // T linear systems (I + H_t / lambda) x_t = b_t, one per task, advance together as rows of [T, P]
 // buffers. Each CG iteration's vector work is two passes over [T, P]:

@@ -1,5 +1,5 @@
 // fastmaml fused CUDA ops: kernels and host launchers (plain CUDA: no ATen/c10/torch headers).
-// Declarations, shapes and conventions: kernels/fused_ops.cuh.
+// Declarations, shapes and conventions: csrc/cuda/fused_ops.cuh.
 //
 // Work layout shared by all kernels: a 2-D grid. blockIdx.x * blockDim.x + threadIdx.x is a
 // column p < P (consecutive threads take consecutive columns, so every access is coalesced);
