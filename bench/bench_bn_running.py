@@ -10,7 +10,7 @@ adds). Prints a table and writes JSON (machine, torch, threads) to bench/results
                                      [--malloc keep|default]
 
 ``--malloc keep`` (default) sets glibc's malloc as ``fastmaml train`` does
-(:func:`fastmaml.app.learner.keep_freed_memory`); ``default`` leaves it alone.
+(:func:`fastmaml.app.run_setup.keep_freed_memory`); ``default`` leaves it alone.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     malloc_kept = False
     if args.malloc == "keep":
-        from fastmaml.app.learner import keep_freed_memory
+        from fastmaml.app.run_setup import keep_freed_memory
 
         malloc_kept = keep_freed_memory()
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Data-parallel scaling of meta-training: 1 versus W processes (issue 12).
 
-The omniglot-5w1s training workload (engine.md section 7 / configs.py): the paper's Omniglot network
+The omniglot-5w1s training workload (docs/design.md §11 / configs.py): the paper's Omniglot network
 (4 x conv 64, BatchNorm, ReLU, max-pool), 28x28 inputs, 5-way 1-shot, 1 query per class (the
 training config), a global meta-batch of T = 32 tasks, K = 1, second order, float32, Adam. Each
 process uses ``--threads`` threads (default 1: this machine has 2 cores); W processes share every

@@ -1,5 +1,5 @@
 """Per-op timings of the task-batched layer kernels on the CPU: the reference
-(fastmaml/layers/reference.py: one grouped convolution for all tasks, plain PyTorch BatchNorm
+(fastmaml/layers/torch_kernels.py: one grouped convolution for all tasks, plain PyTorch BatchNorm
 blocks), a plain serial per-task loop of ATen convolutions (each using all intra-op threads), and
 the C++ kernels (fastmaml/layers/cpp.py: tasks spread over the threads, fused BatchNorm blocks),
 at 1 and 2 threads, on the conv4 shapes (T = 32; N = 5 support or 75 query images per task).
@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fastmaml.layers import cpp as C  # noqa: E402
-from fastmaml.layers import reference as R  # noqa: E402
+from fastmaml.layers import torch_kernels as R  # noqa: E402
 
 EPS = 1e-5
 

@@ -1,4 +1,4 @@
-"""Triton layer kernels (fastmaml/triton/layers/) against the PyTorch reference (fastmaml/layers/reference.py)
+"""Triton layer kernels (fastmaml/triton/layers/) against the PyTorch reference (fastmaml/layers/torch_kernels.py)
 on a CUDA device, at the conv4 shapes of the standard workload.
 
 Shapes: T tasks (32), N images per task (5: the support set of 5-way 1-shot; 75: its 15-query set),
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] = ()) -> int:
     except ImportError as exc:
         print(f"bench_layers_gpu: the Triton kernels cannot be imported ({exc}). Nothing timed.")
         return 0
-    from fastmaml.layers import reference as R
+    from fastmaml.layers import torch_kernels as R
 
     dev = "cpu" if args.smoke_cpu else "cuda"
     dtype, T, C = getattr(torch, args.dtype), args.tasks, args.channels

@@ -10,7 +10,7 @@ Every (workload, T, K, implementation) runs in a fresh subprocess, which
   4. reports its peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the excess of
      the process's peak resident set over its baseline before the first meta-step.
 
-Workloads (engine.md section 7): ``omniglot-5w1s`` is the paper's Omniglot network (4 x 3x3 conv 64,
+Workloads (docs/design.md §11): ``omniglot-5w1s`` is the paper's Omniglot network (4 x 3x3 conv 64,
 BatchNorm, ReLU, 2x2 max-pool) on 28x28 inputs, 5-way 1-shot, 15 queries per class;
 ``omniglot-5w1s-train`` the same with 1 query per class (what the ``omniglot-5w1s`` config trains on);
 ``omniglot-20w5s`` the same 20-way 5-shot; ``sinusoid`` the 1-40-40-1 MLP, 10-shot, 10 queries;

@@ -1,6 +1,6 @@
 """Peak memory and time of one meta-step versus ``task_chunk`` (issue 12).
 
-The standard workload (engine.md section 7): the paper's Omniglot network, 5-way 1-shot, 15 queries
+The standard workload (docs/design.md §11): the paper's Omniglot network, 5-way 1-shot, 15 queries
 per class, T tasks (default 32), K inner steps, second order, float32. Each configuration runs in a
 fresh subprocess (``--probe C``: one meta-step with task_chunk=C, C=0 unchunked), which prints
 ``{"baseline", "peak", "seconds"}``: the peak resident set before and after the meta-step (CPU), or

@@ -1,7 +1,8 @@
 """Old import paths of modules that moved: ``fastmaml.train`` is ``fastmaml.app.train``, and so on.
 
 Issue 23 moved the application (the command, training, evaluation, checkpoints, configs...) from the
-flat ``fastmaml/`` into :mod:`fastmaml.app`. Code written before (``from fastmaml.configs import
+flat ``fastmaml/`` into :mod:`fastmaml.app`, and the torch implementations of the ops out of
+``fastmaml.reference`` (which now holds only the MAML oracle). Code written before (``from fastmaml.configs import
 UserError``, ``import fastmaml.train``, an installed ``fastmaml`` console script that runs
 ``from fastmaml.cli import main``) keeps working through :data:`MOVED`, the one table of moves: a
 finder on ``sys.meta_path`` answers an old name with the new module object itself, so that
@@ -33,6 +34,11 @@ MOVED: Dict[str, str] = {
     "fastmaml.termination": "fastmaml.app.termination",
     "fastmaml.bench_command": "fastmaml.app.bench_command",
     "fastmaml.distributed_args": "fastmaml.app.distributed_args",
+    # "reference" names only the MAML oracle (fastmaml/reference/maml.py); the torch implementations of
+    # the ops moved beside their backends
+    "fastmaml.reference.ops": "fastmaml.kernels.flat_torch",
+    "fastmaml.reference.cg_ops": "fastmaml.kernels.cg_torch",
+    "fastmaml.layers.reference": "fastmaml.layers.torch_kernels",
 }
 
 

@@ -3,7 +3,7 @@
 ``fast = learner.adapt(sx, sy, steps=K, create_graph=True)`` returns fast weights whose ``flat``
 [T, P] hangs from the meta-parameters (the adapted ones, the learnable inner rates, and the
 parameters that the inner loop does not adapt) through :class:`AdaptFunction`: its forward is
-``Engine.inner_loop`` and its backward ``Engine.reverse`` (docs/design.md, "The meta-gradient"), so no
+``Engine.inner_loop`` and its backward ``Engine.reverse`` (docs/design.md §2), so no
 unrolled graph is kept and memory is bounded by the store budget, not by K. ``learner(fast, x)`` runs every task's adapted model with autograd,
 so any outer objective built from the outputs can be ``backward()``-ed.
 

@@ -1,4 +1,4 @@
-"""The flat layout of the adapted parameters (engine.md section 3).
+"""The flat layout of the adapted parameters (docs/design.md §3.1).
 
 The P adapted numbers of a model are laid end to end, tensor after tensor, in ``named_parameters``
 order; the fast weights of T tasks are one ``[T, P]`` buffer, and each adapted tensor is a view of a

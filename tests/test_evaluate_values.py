@@ -24,7 +24,7 @@ import fastmaml
 from fastmaml.app import cli, configs
 from fastmaml.app import evaluate as ev
 from fastmaml.app.episodes import fixed_episodes
-from fastmaml.app.learner import make_dataset
+from fastmaml.app.run_setup import make_dataset
 from helpers import hand_adapt, mlp, rate_table, regression_batch
 
 CPU = torch.device("cpu")

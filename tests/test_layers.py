@@ -1,4 +1,4 @@
-"""The task-batched layer kernels' reference (fastmaml/layers/reference.py) against autograd.
+"""The task-batched layer kernels' reference (fastmaml/layers/torch_kernels.py) against autograd.
 
 The oracle for every layer is PyTorch's own functional layers run one task at a time
 (``F.conv2d``, ``F.batch_norm(training=True)``, ``F.leaky_relu``, ``F.max_pool2d``, ``F.linear``,
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp
 
-from fastmaml.layers import reference as L
+from fastmaml.layers import torch_kernels as L
 
 DT = torch.float64
 TOL = 1e-11

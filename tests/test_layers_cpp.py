@@ -1,5 +1,5 @@
 """The C++ CPU layer kernels (csrc/cpu/conv.cpp, csrc/cpu/batchnorm.cpp via fastmaml.layers.cpp) against their
-reference, fastmaml/layers/reference.py (itself checked against autograd in tests/test_layers.py).
+reference, fastmaml/layers/torch_kernels.py (itself checked against autograd in tests/test_layers.py).
 
 float64: whole-output relative error <= 1e-12 (every output of a call together).
 float32: whole-output relative error <= F32_TOL = 2e-6 against the float32 reference (measured:
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastmaml.layers import cpp as C
-from fastmaml.layers import reference as R
+from fastmaml.layers import torch_kernels as R
 
 pytestmark = pytest.mark.skipif(not C.AVAILABLE, reason=f"C++ layer kernels unavailable: {C.REASON}")
 

@@ -1,4 +1,4 @@
-"""The Triton layer kernels (fastmaml/triton/layers/) against the reference (fastmaml/layers/reference.py).
+"""The Triton layer kernels (fastmaml/triton/layers/) against the reference (fastmaml/layers/torch_kernels.py).
 
 Without CUDA the kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1, set below
 before triton is imported); with CUDA the compiled kernels run on the GPU. The interpreter is slow
@@ -34,7 +34,7 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (set it before triton is imported)",
                 allow_module_level=True)
 
-from fastmaml.layers import reference as ref  # noqa: E402
+from fastmaml.layers import torch_kernels as ref  # noqa: E402
 from fastmaml.triton import layers as tl_layers  # noqa: E402
 
 FP64_TOL = 1e-12

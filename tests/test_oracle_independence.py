@@ -64,19 +64,18 @@ def test_reference_imports_no_engine_helper():
 def test_reference_package_holds_only_the_oracle():
     """fastmaml/reference/ is the oracle (maml.py) and nothing the fast paths run: the torch
     implementations of the ops moved to fastmaml/kernels/ (flat_torch.py, cg_torch.py) and the
-    layers' to their families in fastmaml/layers/; the old module names there are aliases of the new
-    modules (the same module objects), with no code of their own."""
+    layers' to their families in fastmaml/layers/; the old module names are entries of the one
+    table of moves (fastmaml/_moved.py), which answers them with the new module objects."""
     import importlib
 
     from fastmaml.kernels import cg_torch, flat_torch
+    from fastmaml.layers import torch_kernels
 
     files = {p.name for p in (REPO / "fastmaml" / "reference").glob("*.py")}
-    assert files == {"__init__.py", "maml.py", "ops.py", "cg_ops.py"}, files
+    assert files == {"__init__.py", "maml.py"}, files
     assert importlib.import_module("fastmaml.reference.ops") is flat_torch
     assert importlib.import_module("fastmaml.reference.cg_ops") is cg_torch
-    for alias in ("ops.py", "cg_ops.py"):
-        tree = ast.parse((REPO / "fastmaml" / "reference" / alias).read_text())
-        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree)), alias
+    assert importlib.import_module("fastmaml.layers.reference") is torch_kernels
     # and the oracle's own imports: nothing from the fast paths (checked above), nor the layers
     tree = ast.parse((REPO / "fastmaml" / "reference" / "maml.py").read_text())
     mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

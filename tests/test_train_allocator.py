@@ -1,4 +1,4 @@
-"""``fastmaml train`` / ``eval`` keep freed memory for reuse (``fastmaml.app.learner.keep_freed_memory``): the large
+"""``fastmaml train`` / ``eval`` keep freed memory for reuse (``fastmaml.app.run_setup.keep_freed_memory``): the large
 temporaries of a meta-step stop page-faulting, and nothing computed changes."""
 
 import json
@@ -15,7 +15,7 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's
 
 FAULTS = """
 import json, resource, sys, torch
-from fastmaml.app.learner import keep_freed_memory
+from fastmaml.app.run_setup import keep_freed_memory
 applied = keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

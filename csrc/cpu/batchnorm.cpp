@@ -1,6 +1,6 @@
 // Family: the fused BatchNorm (per-task batch statistics) + activation (ReLU / LeakyReLU of slope
 // `slope`) + optional 2x2 max-pool block on the CPU, in four passes (docs/design.md, the BatchNorm
-// block; docs/engine.md section 9):
+// block; docs/design.md §4):
 //   bn_act_pool_forward    z [T, N, C, H, W], gamma, beta [T, C] -> out [T, N, C, Ho, Wo],
 //                          mean, rstd [T, C], idx uint8 [T, N, C, Ho, Wo] (pool = 2; else [0])
 //                          out = maxpool(act(gamma (z - mean) rstd + beta))
@@ -10,7 +10,7 @@
 //   bn_act_pool_rbackward  R{dz}, R{dgamma}, R{dbeta} (the R-operator of the backward)
 //   bn_kernels_isa         "avx512" or "base": the build the kernels run with now
 // with Ho, Wo = H / 2, W / 2 when pool = 2 (an odd last row / column dropped), else H, W. The
-// semantics are exactly those of fastmaml/layers/reference.py; fastmaml/layers/cpp.py wraps these
+// semantics are exactly those of fastmaml/layers/torch_kernels.py; fastmaml/layers/cpp.py wraps these
 // ops with the reference's Python signatures (None for the optional outputs returned here as empty
 // tensors).
 //

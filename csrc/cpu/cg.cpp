@@ -9,7 +9,7 @@
 //
 // alpha and beta are [T]; a task whose system has converged gets alpha = beta = 0 from the caller
 // (its x and r stay fixed): the per-task convergence mask. The reference (the semantics) is
-// fastmaml/reference/cg_ops.py; the schemas are in fastmaml/kernels/cg.py.
+// fastmaml/kernels/cg_torch.py; the schemas are in fastmaml/kernels/cg.py.
 #include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -4,7 +4,7 @@
 //   conv2d_tasks_backward  dx [T, N, C, H, W], dw [T, O, C, kh, kw], db [T, O] (each only if asked;
 //                          an empty [0] tensor otherwise)
 // with Ho = (H + 2 padding - kh) / stride + 1 (and Wo alike). The semantics are exactly those of
-// fastmaml/layers/reference.py; fastmaml/layers/cpp.py wraps these ops with the reference's Python
+// fastmaml/layers/torch_kernels.py; fastmaml/layers/cpp.py wraps these ops with the reference's Python
 // signatures.
 //
 // Convolutions: at::parallel_for over tasks (grain 1), each task's convolution run by ATen

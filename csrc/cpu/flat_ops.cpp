@@ -2,13 +2,13 @@
 // holds TORCH_LIBRARY(fastmaml) (the namespace's one definition block: the flat ops' schemas; the
 // layer families add theirs with TORCH_LIBRARY_FRAGMENT in csrc/cpu/conv.cpp and batchnorm.cpp).
 //
-// Layout (docs/engine.md section 3): the fast weights of T tasks live in one flat [T, P] buffer and
+// Layout (docs/design.md §3.1): the fast weights of T tasks live in one flat [T, P] buffer and
 // the meta-parameters are [P]. A learning rate `lr` has three forms:
 //   scalar       lr 0-d                          (segments, if given, is ignored)
 //   per segment  lr [S] and segments int64 [P]   ids in [0, S)
 //   per element  lr [P] and segments None
 // and a[p] denotes lr / lr[segments[p]] / lr[p]. The semantics are those of
-// fastmaml/reference/ops.py; the schema strings are those of fastmaml/kernels/schemas.py.
+// fastmaml/kernels/flat_torch.py; the schema strings are those of fastmaml/kernels/schemas.py.
 //
 // CPU kernels: float and double, plain restrict-qualified loops that the compiler vectorizes, run
 // with at::parallel_for over work items of FIXED size (kChunk columns; never derived from the

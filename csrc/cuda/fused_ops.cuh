@@ -5,7 +5,7 @@
 // Compile the device code alone with, e.g.:
 //     nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/cuda/fused_ops.cu -o /tmp/fused_ops.o
 //
-// Layout (docs/engine.md section 3): T tasks' fast weights are one row-major [T, P] buffer
+// Layout (docs/design.md §3.1): T tasks' fast weights are one row-major [T, P] buffer
 // (num_tasks = T rows of P elements); meta-parameters are [P]. All pointers are device pointers
 // to contiguous memory. A learning rate has one of three forms (LrMode):
 //   kLrScalar   lr[0]                        (num_lr = 1; segments unused, may be null)

@@ -9,7 +9,7 @@ per task and set (support and query), not once per inner step as in MAML with a 
     J = (1/T) sum_t L(theta_K; f_Q, y_Q)
 
 The meta-gradient still reaches the body: through f_Q directly, and through f_S, which enters every
-support gradient of the head's inner loop. The reverse pass (engine.md section 2) over the head gives
+support gradient of the head's inner loop. The reverse pass (docs/design.md §2) over the head gives
 both, with one double backward per step taken with respect to the head's iterate AND the features:
 
     v = dJ/dtheta_K,  dJ/df_Q = (1/T) dL_Q/df_Q

@@ -32,7 +32,7 @@ from . import configs, rank_context, training_loop
 # --nproc and --dist-timeout are defined in fastmaml/app/distributed_args.py (no torch import there)
 from .distributed_args import DEFAULT_TIMEOUT_S
 from .errors import UserError
-from .learner import build_learner, make_dataset, resolve_device, set_threads
+from .run_setup import build_learner, make_dataset, resolve_device, set_threads
 from .rank_context import Context
 from .run_folder import default_run_dir
 

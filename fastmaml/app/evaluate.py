@@ -27,7 +27,7 @@ from .configs import Config
 # run_episodes: also fastmaml.app.evaluate.run_episodes, where it was defined before issue 23
 from .episodes import fixed_episodes, mean_ci95, run_episodes  # noqa: F401
 from .errors import UserError
-from .learner import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
+from .run_setup import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
 from .progress import Progress
 from .run_folder import RESUMABLE, check_writable, describe_differences, read_json, write_json
 from .termination import sigterm_raises

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from .errors import UserError
 from .evaluate import _positive_int  # one parser for a positive count, shared with `eval`
 from .evaluate import load_run, restore_learner
-from .learner import resolve_device
+from .run_setup import resolve_device
 from .run_folder import check_writable, read_json, read_metrics
 from .termination import sigterm_raises
 

@@ -36,7 +36,7 @@ it does not perturb training.
 
 This module is the command: it checks the run folder and decides what to do with it (start, resume,
 refuse, start over), then hands over to the loop (:mod:`fastmaml.app.training_loop`). The learner and
-the data come from :mod:`fastmaml.app.learner`, the folder's files from :mod:`fastmaml.app.run_folder`;
+the data come from :mod:`fastmaml.app.run_setup`, the folder's files from :mod:`fastmaml.app.run_folder`;
 ``--nproc`` and torchrun go through :mod:`fastmaml.app.distributed_train`.
 """
 
@@ -57,7 +57,7 @@ from . import configs, distributed_args, metrics_file, run_info
 from .configs import Config
 # TrainingError: also fastmaml.app.train.TrainingError, where it was defined before issue 23
 from .errors import TrainingError, UserError, first_line  # noqa: F401
-from .learner import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
+from .run_setup import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
 from .run_folder import (RESUMABLE, RUN_FILES, RUN_FOLDERS, check_writable, default_run_dir, describe_differences,
                          holds_run, read_json, write_json)
 

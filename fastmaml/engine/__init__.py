@@ -1,4 +1,4 @@
-"""The task-batched meta-gradient engine (docs/design.md, "The meta-gradient" and "Batching").
+"""The task-batched meta-gradient engine (docs/design.md §2 and §3).
 
 * :mod:`.engine`: :class:`Engine`: the inner loop over [T, P] iterates, its reverse pass (the
   meta-gradient), memory modes and the store budget; it picks its runner once, in its constructor.

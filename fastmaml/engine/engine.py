@@ -1,4 +1,4 @@
-"""The task-batched meta-gradient engine (docs/design.md, "The meta-gradient" and "Batching").
+"""The task-batched meta-gradient engine (docs/design.md §2 and §3).
 
 All T tasks advance together: fast weights are one [T, P] buffer, the model runs on all tasks in one
 batched computation, and the inner updates and reverse steps are fused ops over [T, P]. The
@@ -29,7 +29,7 @@ step k - 1. The runners read it from the step context set here (the fused runner
 state). ``Engine.forward`` runs at the step it is given, or the
 enclosing context's.
 
-Memory (docs/design.md, "Memory"): ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the
+Memory (docs/design.md §5): ``store`` keeps the iterates theta_0..theta_{K-1} ([T, P] each), the
 last step's HVP state (its support activations) and earlier steps' states while the iterates and the
 states total at most the store budget (``Engine.store_budget`` bytes; default
 :func:`fastmaml.memory_budget.default_store_budget`, a fraction of the memory available at the call).
@@ -94,7 +94,7 @@ class Engine:
         self.store_budget: Optional[int] = None
         self.memory_info: Optional[Dict[str, object]] = None  # what the last inner_loop kept
         # CPU scratch [T, P] buffers kept across meta-steps (name -> tensor): a fresh one is a fresh
-        # mmap whose every page faults on first write (docs/design.md, "Memory")
+        # mmap whose every page faults on first write (docs/design.md §5)
         self._scratch: Dict[str, Tensor] = {}
         fused: Optional[FusedRunner] = None
         self.fallback_reason = ""  # why ``runner`` is the generic one ("" when it is fused)
@@ -339,7 +339,7 @@ class Engine:
     def reverse(self, loop: InnerLoop, v: Tensor,
                 query_step: Optional[Callable[[Tensor, int], Optional[Tensor]]] = None, v_owned: bool = False):
         """The meta-gradient of an outer objective J whose gradient at theta_K is ``v`` [T, P]
-        (docs/design.md, "The meta-gradient"): (dJ/dtheta [P], the shared parameters' terms
+        (docs/design.md §2): (dJ/dtheta [P], the shared parameters' terms
         {name: tensor}, dJ/dlr or None). ``query_step(theta_k, k)`` may add the gradient of J's terms at theta_k (the
         multi-step loss) for 1 <= k < K. ``loop`` is consumed (its stored states are released).
         ``v_owned``: v may be updated in place (else it is copied before its first update)."""

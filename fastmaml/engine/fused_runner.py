@@ -3,7 +3,7 @@
 Models made of the layers in :mod:`fastmaml.layers.program` (Conv2d, BatchNorm, ReLU/LeakyReLU,
 MaxPool2d(2), global mean, Flatten, Linear; ``nn.Sequential`` and Conv4) with the built-in losses run
 as one compiled program (:class:`fastmaml.layers.runner.FusedModel`): forward, backward and the HVP
-by the R-operator (docs/design.md, "The R-operator"), without autograd.
+by the R-operator (docs/design.md §4), without autograd.
 
 The layer kernels (torch, C++ or Triton) depend on the device the model is on, which may change
 after the learner is built (``learner.to("cuda")``): the backend's name is fixed here, and each

@@ -1,4 +1,4 @@
-"""The generic runner: any model and any loss, over autograd (docs/design.md, "Batching").
+"""The generic runner: any model and any loss, over autograd (docs/design.md §3).
 
 The module runs for all tasks as ``torch.func.vmap`` of ``functional_call`` or as a loop over tasks
 (:class:`fastmaml.functional.TaskBatchedModel`), the support gradients come from autograd, and the

@@ -26,7 +26,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import extension, flat_torch
+from . import extension, flat_torch, resolver
+from .resolver import triton_runs_on_cpu  # noqa: F401  (imported from here by tests and bench)
 from .registry import register_family
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -83,10 +84,6 @@ def probe(name: str) -> Tuple[bool, str]:
     return _probed[name]
 
 
-def triton_runs_on_cpu() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def available_backends() -> Dict[str, str]:
     """Every backend with 'available' or the reason it is not."""
     out = {}
@@ -121,28 +118,15 @@ def get_backend() -> str:
 
 
 def resolve(device: torch.device, name: Optional[str] = None) -> str:
-    """The concrete backend that serves tensors on ``device``."""
+    """The concrete backend that serves the flat-layout ops on tensors on ``device`` (the rule is
+    the one resolver's, :mod:`.resolver`; an unknown name is refused by :func:`set_backend`'s check)."""
     name = name or get_backend()
-    if name == "auto":
-        if device.type == "cuda":
-            for cand in ("cuda", "triton"):
-                if probe(cand)[0]:
-                    return cand
-            return "torch"
-        if device.type == "cpu" and probe("cpp")[0]:
-            return "cpp"
-        return "torch"
-    _check_explicit(name)
-    if name == "cpp" and device.type != "cpu":
-        raise RuntimeError(f"fastmaml kernel backend 'cpp' runs on CPU tensors, got tensors on {device}")
-    if name == "cuda" and device.type != "cuda":
-        raise RuntimeError(f"fastmaml kernel backend 'cuda' runs on CUDA tensors, got tensors on {device}")
-    if name == "triton" and device.type == "cpu" and not triton_runs_on_cpu():
-        raise RuntimeError(
-            "fastmaml kernel backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "fastmaml is imported to run its kernels on the CPU"
-        )
-    return name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return resolver.resolve("flat", device, name)
+
+
+resolver.register("flat", {name: (lambda device, name=name: probe(name)) for name in ("cpp", "cuda", "triton")})
 
 
 def implementation(backend: str) -> ModuleType:

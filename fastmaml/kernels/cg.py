@@ -3,7 +3,7 @@
 ``cg_step(x, r, p, Ap, alpha) -> (x + alpha p, r - alpha Ap, ||r_new||^2 per task)`` and
 ``cg_direction(r, p, beta) -> r + beta p`` over [T, P], with [T] coefficients (see
 :mod:`fastmaml.kernels.cg_torch` for the semantics). Backends: ``cpp`` (the C++ CPU kernels of
-``fastmaml._C``, ``csrc/cg_ops.cpp``), ``triton`` (:mod:`fastmaml.triton.cg_ops`; auto on CUDA
+``fastmaml._C``, ``csrc/cpu/cg.cpp``), ``triton`` (:mod:`fastmaml.triton.cg_ops`; auto on CUDA
 tensors, on the CPU only under ``TRITON_INTERPRET=1``) and ``torch`` (:mod:`.cg_torch`; also what the op
 namespace runs on other devices, or when the extension is not built). The ops have fake kernels (``torch.compile``,
 ``opcheck``); they are not differentiable (CG runs outside autograd).
@@ -11,7 +11,6 @@ namespace runs on other devices, or when the extension is not built). The ops ha
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional, Tuple
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import cg_torch as reference
-from . import extension
+from . import extension, resolver
 from .schemas import CG_SCHEMAS
 
 __all__ = ["CG_SCHEMAS", "cg_step", "cg_direction", "cg_backend", "CG_BACKENDS"]
@@ -67,32 +66,33 @@ def _dense(fn):
     return kernel
 
 
+def _probe_cpp(device: torch.device) -> Tuple[bool, str]:
+    if _setup():
+        return True, "compiled CG kernels in fastmaml._C"
+    return False, ("fastmaml._C is not loaded or was built without csrc/cpu/cg.cpp; rebuild with "
+                   "`pip install --no-build-isolation -e .` or use backend 'torch'")
+
+
+def _probe_triton(device: torch.device) -> Tuple[bool, str]:
+    try:
+        from ..triton import cg_ops  # noqa: F401
+    except ImportError as e:
+        return False, f"the Triton CG kernels are not importable ({e})"
+    return True, "Triton CG kernels"
+
+
+resolver.register("cg", {"cpp": _probe_cpp, "triton": _probe_triton})
+
+
 def cg_backend(t: Tensor, backend: Optional[str] = None) -> str:
-    """The backend serving tensors like ``t``: 'cpp' for CPU tensors when the extension has the
-    kernels ('auto' or 'cpp'), else 'torch'. Asking for 'cpp' where it cannot run is an error."""
+    """The backend serving tensors like ``t`` (the one resolver's rule, :mod:`.resolver`): 'auto'
+    takes cpp on the CPU when the extension has the kernels, triton on CUDA when it imports, else
+    torch; a backend asked for by name that cannot run here is an error that says why."""
     backend = backend or "auto"
     if backend not in CG_BACKENDS:
         raise ValueError(f"CG kernels: backend must be one of {', '.join(CG_BACKENDS)}, got {backend!r}")
-    compiled = _setup()
-    if backend == "torch":
-        return "torch"
-    if backend == "triton" or (backend == "auto" and t.device.type == "cuda"):
-        try:
-            from ..triton import cg_ops  # noqa: F401
-        except ImportError as e:
-            if backend == "triton":
-                raise RuntimeError(f"CG kernels: backend 'triton' cannot run here ({e})") from None
-            return "torch"
-        if t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            return "triton"
-        if backend == "triton":
-            raise RuntimeError("CG kernels: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-    ok = compiled and t.device.type == "cpu"
-    if backend == "cpp" and not ok:
-        why = "tensors are not on the CPU" if compiled else "fastmaml._C was built without csrc/cg_ops.cpp"
-        raise RuntimeError(f"CG kernels: backend 'cpp' cannot run here ({why}); rebuild with "
-                           "`pip install --no-build-isolation -e .` or use backend 'torch'")
-    return "cpp" if ok else "torch"
+    _setup()
+    return resolver.resolve("cg", t.device, backend)
 
 
 def _check(op: str, like: Tensor, vecs, coef_name: str, coef: Tensor) -> None:

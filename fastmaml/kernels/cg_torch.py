@@ -6,7 +6,7 @@ whose system has converged: its ``x`` and ``r`` then stay as they are).
 * ``cg_step(x, r, p, Ap, alpha) -> (x + alpha p, r - alpha Ap, ||r_new||^2 per row)``
 * ``cg_direction(r, p, beta) -> r + beta p``
 
-The C++ kernels (``csrc/cg_ops.cpp``) must match these.
+The C++ kernels (``csrc/cpu/cg.cpp``) must match these.
 """
 
 from __future__ import annotations

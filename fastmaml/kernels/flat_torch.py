@@ -3,7 +3,7 @@
 These functions define the semantics that every other backend (C++ CPU, CUDA, Triton) must
 match. They are written for clarity, not speed, and are differentiable by ordinary autograd.
 
-Layout (engine.md section 3): the fast weights of T tasks live in one flat buffer ``[T, P]``;
+Layout (docs/design.md §3.1): the fast weights of T tasks live in one flat buffer ``[T, P]``;
 meta-parameters are ``[P]``. A learning rate ``lr`` takes one of three forms, decided by its
 shape and by whether ``segments`` is given:
 
@@ -78,7 +78,7 @@ def reverse_step(
     lr: Tensor,
     segments: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """One step of the explicit reverse pass (engine.md section 2), for all tasks at once.
+    """One step of the explicit reverse pass (docs/design.md §2), for all tasks at once.
 
     v, hv, g, gq: [T, P]. ``hv = H_S(theta_k) (a_k v)`` (None for first order),
     ``g = grad L_S(theta_k)``, ``gq = grad L_Q(theta_k)`` (None when ``w == 0``).

@@ -1,9 +1,9 @@
 """The schemas of the ops Python defines when the extension does not: one table per op namespace.
 
-* ``torch.ops.fastmaml`` flat-layout ops (``SCHEMAS``): the C++ extension (``csrc/ops.cpp``) defines
+* ``torch.ops.fastmaml`` flat-layout ops (``SCHEMAS``): the C++ extension (``csrc/cpu/flat_ops.cpp``) defines
   the same strings with ``TORCH_LIBRARY(fastmaml, m)``; when it is not built, Python defines them
   from here (:mod:`.registry`). A test checks that the two agree.
-* ``torch.ops.fastmaml_cg`` CG ops (``CG_SCHEMAS``): likewise (``csrc/cg_ops.cpp``; :mod:`.cg`).
+* ``torch.ops.fastmaml_cg`` CG ops (``CG_SCHEMAS``): likewise (``csrc/cpu/cg.cpp``; :mod:`.cg`).
 * The layer ops of ``torch.ops.fastmaml`` (``conv2d_tasks``, ``bn_act_pool_*``) exist only in the
   extension (without it the layer kernels run their torch implementations directly); their fake
   kernels are declared by their families (``CPP_OPS`` in fastmaml/layers/conv.py, batchnorm.py).

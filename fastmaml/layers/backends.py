@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from ..kernels import resolver
 from . import batchnorm, conv
 
 FAMILIES = (conv, batchnorm)
@@ -68,6 +69,10 @@ def _triton():
 TORCH = _namespace("torch")
 
 
+def _triton_on_ns(device: torch.device) -> SimpleNamespace:
+    return _triton_on(device)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_on(device: torch.device):
     """The Triton kernels after a one-time probe on ``device``: compile and run each BatchNorm-block
@@ -100,27 +105,24 @@ def _triton_on(device: torch.device):
     return ns, ""
 
 
+def _probe_cpp(device: torch.device) -> Tuple[bool, str]:
+    ns, why = _cpp()
+    return ns is not None, why
+
+
+def _probe_triton(device: torch.device) -> Tuple[bool, str]:
+    ns, why = _triton_on(device)
+    return ns is not None, why
+
+
+resolver.register("layers", {"cpp": _probe_cpp, "triton": _probe_triton})
+_BY_NAME = {"torch": lambda device: TORCH, "cpp": lambda device: _cpp()[0], "triton": _triton_on_ns}
+
+
 def layer_kernels(device: torch.device, backend: Optional[str] = "auto") -> SimpleNamespace:
-    """The swappable layer kernels for tensors on ``device`` (``.name`` says which backend)."""
+    """The swappable layer kernels for tensors on ``device`` (``.name`` says which backend), as the one
+    resolver (:mod:`fastmaml.kernels.resolver`) picks them; 'cuda', the flat ops' CUDA backend, has no
+    layer kernels and means 'auto' here."""
     backend = backend or "auto"
-    if backend == "torch":
-        return TORCH
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise RuntimeError(f"layer kernels 'cpp' run on CPU tensors, the model is on {device}")
-        ns, why = _cpp()
-        if ns is None:
-            raise RuntimeError(f"layer kernels 'cpp' are not available: {why}")
-        return ns
-    if backend == "triton":
-        ns, why = _triton_on(device)
-        if ns is None:
-            raise RuntimeError(f"layer kernels 'triton' are not available: {why}")
-        return ns
-    if device.type == "cpu":
-        ns, _ = _cpp()
-        return ns or TORCH
-    if device.type == "cuda":
-        ns, _ = _triton_on(device)
-        return ns or TORCH
-    return TORCH
+    which = resolver.resolve("layers", device, "auto" if backend == "cuda" else backend)
+    return _BY_NAME[which](device)

@@ -33,7 +33,7 @@ def _probe() -> Tuple[bool, str]:
     if missing:
         return False, (f"fastmaml._C was built without the layer kernels (no CPU kernel for "
                        f"{', '.join(missing)}): rebuild it (pip install --no-build-isolation -e .)")
-    return True, "C++ layer kernels in fastmaml._C (csrc/layers.cpp)"
+    return True, "C++ layer kernels in fastmaml._C (csrc/cpu/conv.cpp and csrc/cpu/batchnorm.cpp)"
 
 
 def _register_fake() -> None:

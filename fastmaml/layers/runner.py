@@ -7,7 +7,7 @@ kernels of :mod:`fastmaml.layers` and no autograd:
 * ``grad``: the per-task losses L_t, the per-task gradients dL_t/dtheta_t [T, P] and, when asked,
   the gradients of the shared parameters (summed over tasks); optionally the state the HVP needs.
 * ``hvp``: for a direction u [T, P], ``H_t u_t = R{dL_t/dtheta_t}`` [T, P] and, for the shared
-  parameters phi, ``sum_t R{dL_t/dphi}`` = d/dphi sum_t <grad_theta L_t, u_t> (engine.md section 2),
+  parameters phi, ``sum_t R{dL_t/dphi}`` = d/dphi sum_t <grad_theta L_t, u_t> (docs/design.md §2),
   by Pearlmutter's R-operator: one R-forward and one R-backward over the stored forward/backward.
 
 Each node owns its four passes (:mod:`.node`); this module only runs the list of nodes and routes

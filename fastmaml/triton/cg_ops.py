@@ -1,5 +1,5 @@
 """Triton kernels of the batched conjugate-gradient vector updates (implicit MAML); semantics:
-:mod:`fastmaml.reference.cg_ops`.
+:mod:`fastmaml.kernels.cg_torch`.
 
 One program per (task, block of columns): ``cg_step`` writes x + alpha p and r - alpha Ap and adds
 the block's sum of r_new^2 into the task's entry of a float32/float64 workspace (``atomic_add``: the

@@ -1,6 +1,6 @@
-"""Triton kernels of the fused ops; semantics: :mod:`fastmaml.reference.ops`.
+"""Triton kernels of the fused ops; semantics: :mod:`fastmaml.kernels.flat_torch`.
 
-Flat task-batched layout (engine.md section 3): fast weights ``[T, P]``, meta-parameters ``[P]``.
+Flat task-batched layout (docs/design.md §3.1): fast weights ``[T, P]``, meta-parameters ``[P]``.
 A learning rate ``lr`` is scalar (0-d), per segment (``[S]`` with int64 ``segments`` ``[P]``) or
 per element (``[P]``, ``segments`` None); ``a[p]`` is ``lr``, ``lr[segments[p]]`` or ``lr[p]``.
 

@@ -1,5 +1,5 @@
 """Triton kernels of the task-batched layers, one module per layer family; semantics:
-:mod:`fastmaml.layers.reference`.
+:mod:`fastmaml.layers.torch_kernels`.
 
 Same signatures and return conventions as the reference (``None`` for an exact zero). Every tensor
 carries the task dimension T first; activations are ``[T, N, C, H, W]`` (BatchNorm1d: H = W = 1),

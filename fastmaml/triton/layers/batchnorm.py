@@ -1,6 +1,6 @@
 """Triton kernels of the fused BatchNorm + activation + 2x2 max-pool block: device helpers, the
 forward and the backward (the R-passes: :mod:`.batchnorm_rop`). Semantics:
-:mod:`fastmaml.layers.reference`; math: ``docs/design.md`` (the BatchNorm block's four passes).
+:mod:`fastmaml.layers.torch_kernels`; math: ``docs/design.md`` (the BatchNorm block's four passes).
 
 Shapes: z ``[T, N, C, H, W]`` (BatchNorm1d: H = W = 1); gamma, beta, mean, rstd ``[T, C]`` (any
 strides: a shared parameter may be passed expanded); out, idx (uint8, the window position of each

@@ -1,6 +1,6 @@
 """Triton kernels of the one-input-channel convolution (the first layer: x ``[T, N, 1, H, W]``,
 w ``[T, O, 1, kh, kw]``, b ``[T, O]`` or None -> y ``[T, N, O, Ho, Wo]``, Ho = (H + 2 padding - kh)
-// stride + 1). Semantics: :mod:`fastmaml.layers.reference`; math: ``docs/design.md`` (the
+// stride + 1). Semantics: :mod:`fastmaml.layers.torch_kernels`; math: ``docs/design.md`` (the
 convolution layer).
 
 A direct kernel: each program computes all O output channels of a block of output pixels of one
