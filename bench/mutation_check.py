@@ -116,8 +116,8 @@ MUTANTS: List[Mutant] = [
            "return [0.0] * (steps - 1) + [1.0]", "return [1.0] + [0.0] * (steps - 1)",
            ENGINE_TESTS, "without multi_step_weights, J is the query loss after the first step, not the last"),
     Mutant("adapt_bn_ignored", "API", "fastmaml/layout.py",
-           "chosen = [n for n in names if adapt_bn or not _is_batchnorm_param(model, n)]",
-           "chosen = [n for n in names if not _is_batchnorm_param(model, n)]",
+           "return [n for n, _ in named if adapt_bn or not _is_batchnorm_param(model, n)]",
+           "return [n for n, _ in named if not _is_batchnorm_param(model, n)]",
            ENGINE_TESTS, "adapt_bn=True silently does not adapt BatchNorm's scale and shift"),
     # -- issue 20: the store budget, recompute segments, the scalar-rate HVP, gradients into views --
     Mutant("engine_scalar_rate_hvp_unscaled", "engine", "fastmaml/engine/engine.py",
