@@ -43,3 +43,23 @@ def missing_kernels(namespace: str, names: Sequence[str], dispatch_key: str = "C
         if not has:
             missing.append(name)
     return missing
+
+
+@functools.lru_cache(maxsize=None)
+def _why_not(namespace: str, names: Tuple[str, ...]) -> str:
+    loaded, why = load()
+    if not loaded:
+        return why
+    missing = missing_kernels(namespace, names, "CPU")
+    return (f"fastmaml._C was built without CPU kernels for {', '.join(missing)}: rebuild it "
+            "(pip install --no-build-isolation -e .)") if missing else ""
+
+
+def ops(namespace: str, names: Sequence[str]):
+    """``torch.ops.<namespace>`` when the extension is loaded with CPU kernels for ``names``; else a
+    RuntimeError that says why (for callers that call compiled ops directly, such as the layer
+    families' C++ wrappers)."""
+    why = _why_not(namespace, tuple(names))
+    if why:
+        raise RuntimeError(f"the C++ kernels {', '.join(names)} are not available: {why}")
+    return getattr(torch.ops, namespace)

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..kernels import extension
 from ..step_context import weight_set
 from .activation import act_slope
 from .node import PassContext, Saved
@@ -169,9 +170,7 @@ CPP_OPS: Dict[str, Callable] = {"bn_act_pool_forward": _fake_forward, "bn_act_po
 
 
 def _cpp_ops():
-    from .cpp import ops  # the probe of the C++ layer ops (imported late: it collects CPP_OPS from here)
-
-    return ops()
+    return extension.ops("fastmaml", tuple(CPP_OPS))
 
 
 def cpp_bn_act_pool_forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float, slope: float,

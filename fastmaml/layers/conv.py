@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import extension
 from .node import PassContext, Saved
 from .tensors import Opt
 
@@ -124,9 +125,7 @@ CPP_OPS: Dict[str, Callable] = {"conv2d_tasks": _fake_conv2d_tasks,
 
 
 def _cpp_ops():
-    from .cpp import ops  # the probe of the C++ layer ops (imported late: it collects CPP_OPS from here)
-
-    return ops()
+    return extension.ops("fastmaml", tuple(CPP_OPS))
 
 
 def cpp_conv2d_forward(x: Tensor, w: Tensor, b: Opt, stride: int, padding: int) -> Tensor:
