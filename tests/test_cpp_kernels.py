@@ -57,6 +57,21 @@ def test_schemas_match_python():
         assert str(getattr(ops, name).default._schema) == "fastmaml::" + schema
 
 
+def test_the_extension_registers_exactly_the_schema_table():
+    """fastmaml/kernels/schemas.py's TABLE is every op the project registers: the compiled extension
+    defines no op outside it and each with its schema string; the layer families' fake kernels
+    cover the layer ops."""
+    from fastmaml.kernels.schemas import LAYER_SCHEMAS, TABLE
+    from fastmaml.layers import batchnorm, conv
+
+    want = {f"{ns}::{schema}" for ns, table in TABLE.items() for schema in table.values()}
+    got = {str(getattr(getattr(torch.ops, ns), op).default._schema)
+           for ns, op in (n.split("::") for n in torch._C._dispatch_get_all_op_names())
+           if ns in TABLE}
+    assert got == want, (sorted(got - want), sorted(want - got))
+    assert set(conv.CPP_OPS) | set(batchnorm.CPP_OPS) == set(LAYER_SCHEMAS) - {"bn_kernels_isa"}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", LR_FORMS)
 @pytest.mark.parametrize("T,P", SHAPES)
