@@ -229,6 +229,10 @@ def _cases() -> List[Case]:
         c.append(Case(f"mlp/imaml-cg_{cg}", "mlp", "imaml",
                       options=(("inner_steps", 3), ("kernels", "cpp"), ("cg_kernels", cg))))
     c.append(Case("conv4_pool/imaml", "conv4_pool", "imaml", options=(("inner_steps", 2), ("kernels", "cpp"))))
+    # added after the first recording, recorded with the code of that commit (188a471): iMAML's outer
+    # gradient on the generic runners
+    c.append(Case("mlp/imaml-vmap", "mlp", "imaml", options=(("inner_steps", 3), ("batching", "vmap"))))
+    c.append(Case("conv4_pool/imaml-loop", "conv4_pool", "imaml", options=(("inner_steps", 2), ("batching", "loop"))))
     return c
 
 

@@ -35,9 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels as kernel_ops
-from ..functional import is_classification, task_accuracy, task_losses
+from ..functional import is_classification, task_accuracy
 from ..kernels import cg as cg_kernels
-from ..engine import FusedRunner
 from ..learner.meta_step_template import begin_meta_step, check_losses_finite, finish_meta_step
 from ..maml import MAML, FastWeights, MetaStepOutput
 
@@ -182,18 +181,8 @@ class IMAML(MAML):
         """((1/T) grad L_Q at phi [T, P], {shared: (1/T) sum dL_Q/dpsi}, losses [T], predictions)."""
         eng = self.engine
         shared = eng.shared_params()
-        runner = eng.runner_for(loss_fn)
-        if isinstance(runner, FusedRunner):
-            # the fused runner's own query pass (its losses and shared gradients come with it)
-            r = runner.model_on(qx.device).grad(phi.detach(), qx, qy, scale=1.0 / T, shared=bool(shared))
-            return r.grad, dict(r.shared), r.losses, r.pred
-        with torch.enable_grad():
-            leaf = phi.detach().clone().requires_grad_(True)
-            pred = runner.batched.forward(leaf, qx)
-            losses = task_losses(pred, qy, loss_fn)
-            grads = torch.autograd.grad(losses.sum() / T, [leaf] + list(shared.values()), allow_unused=True)
-        sh = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(shared.items(), grads[1:])}
-        return grads[0], sh, losses.detach(), pred.detach()
+        grad, losses, pred, sh = eng.runner_for(loss_fn).mean_query_grad(phi, qx, qy, T, loss_fn, shared)
+        return grad, sh, losses, pred
 
     def implicit_gradient(self, support_x: Tensor, support_y: Tensor, phi: Tensor, b: Tensor, loss_fn=None,
                           shared_rhs: bool = True):

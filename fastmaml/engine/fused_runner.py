@@ -73,6 +73,12 @@ class FusedRunner(Runner):
                                          step=step_context.current_step())
         return r.grad, r.losses, r.pred, r.shared
 
+    def mean_query_grad(self, phi: Tensor, x: Tensor, y: Tensor, num_tasks: int, loss_fn: Optional[LossFn],
+                        shared: Dict[str, Tensor]) -> QueryGrad:
+        # the fused query pass: its losses and shared gradients come with it
+        r = self.model_on(x.device).grad(phi.detach(), x, y, scale=1.0 / num_tasks, shared=bool(shared))
+        return r.grad, r.losses, r.pred, dict(r.shared)
+
     def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str],
             out: Optional[Tensor] = None, retain_graph: bool = False) -> Tuple[Tensor, List[Optional[Tensor]]]:
         hv, terms = self.model_on(u.device).hvp(state, u, shared=bool(shared_list), out=out)

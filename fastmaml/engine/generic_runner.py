@@ -75,6 +75,16 @@ class GenericRunner(Runner):
         shared: Dict[str, Tensor] = {name: gp for name, gp in zip(shared_names, grads[1:]) if gp is not None}
         return grads[0], losses.detach(), pred, shared
 
+    def mean_query_grad(self, phi: Tensor, x, y, num_tasks: int, loss_fn: Optional[LossFn],
+                        shared: Dict[str, Tensor]) -> QueryGrad:
+        with torch.enable_grad():
+            leaf = phi.detach().clone().requires_grad_(True)
+            pred = self.batched.forward(leaf, x)
+            losses = task_losses(pred, y, loss_fn)
+            grads = torch.autograd.grad(losses.sum() / num_tasks, [leaf] + list(shared.values()), allow_unused=True)
+        sh = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(shared.items(), grads[1:])}
+        return grads[0], losses.detach(), pred.detach(), sh
+
     def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str],
             out: Optional[Tensor] = None, retain_graph: bool = False) -> Tuple[Tensor, List[Optional[Tensor]]]:
         g, leaf = state
@@ -104,6 +114,11 @@ class GeneralRunner(GenericRunner):
     def losses(self, flat: Tensor, x, y, loss_fn: Optional[LossFn]) -> Tuple[Tensor, Tensor]:
         pred = self.batched.forward(flat, x)
         return general_task_losses(pred, y, loss_fn, self.loss_modes), pred
+
+    def mean_query_grad(self, phi: Tensor, x, y, num_tasks: int, loss_fn: Optional[LossFn],
+                        shared: Dict[str, Tensor]) -> QueryGrad:
+        raise NotImplementedError("iMAML's outer gradient runs on the fused or the generic runner, "
+                                  "not on several inputs")
 
     def support_grad(self, theta_k: Tensor, x, y, loss_fn: Optional[LossFn], create_graph: bool,
                      grad_out: Optional[Tensor] = None) -> SupportGrad:

@@ -64,6 +64,12 @@ class Runner(ABC):
         """``scale`` grad L_Q at theta_k for the adapted parameters [T, P] and the shared ones."""
 
     @abstractmethod
+    def mean_query_grad(self, phi: Tensor, x, y, num_tasks: int, loss_fn: Optional[LossFn],
+                        shared: Dict[str, Tensor]) -> QueryGrad:
+        """iMAML's outer gradient: ((1/T) grad L_Q at phi [T, P], losses [T], predictions,
+        {shared name: (1/T) sum_t dL_Q,t/dpsi}), every shared parameter present (zeros where unused)."""
+
+    @abstractmethod
     def hvp(self, state, u: Tensor, shared_list: List[Tensor], shared_names: List[str],
             out: Optional[Tensor] = None, retain_graph: bool = False) -> Tuple[Tensor, List[Optional[Tensor]]]:
         """(H_S u [T, P], per shared parameter sum_t d/dphi <g_t, u_t> or None). ``out``: a buffer
