@@ -12,9 +12,10 @@ triton     ``torch.ops.fastmaml_triton``               CUDA tensors; CPU under T
 =========  ==========================================  =====================================
 
 Each optional piece is probed once, on first use (the extension by :mod:`.extension`, the one probe
-that the CG ops (:mod:`.cg`) and the layer ops (``fastmaml.layers.cpp``) use too); ``auto`` quietly takes the fastest one available
-for the tensors' device (CPU: cpp, else torch; CUDA: cuda, else triton, else torch), while a backend
-asked for by name that cannot run raises an error that says why.
+that the CG ops (:mod:`.cg`) and the layer ops (``fastmaml.layers.cpp``) use too). Which backend
+serves a call is the one resolver's rule (:mod:`.resolver`, family ``flat``): ``auto`` quietly takes
+the fastest one available for the tensors' device (CPU: cpp, else torch; CUDA: cuda, else triton,
+else torch), while a backend asked for by name that cannot run raises an error that says why.
 """
 
 from __future__ import annotations

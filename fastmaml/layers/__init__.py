@@ -10,11 +10,12 @@ kernels) and its runner node (a frozen dataclass owning the passes, with a typed
 * :mod:`.node` the node interface and the context a pass gives its nodes;
 * :mod:`.program` compiles a model into nodes; :mod:`.runner` runs them (``FusedModel``: forward,
   backward, R-operator HVP);
-* :mod:`.backends` ``layer_kernels(device, backend)``: which implementation (torch, cpp, triton)
-  runs the six swappable kernels (``conv2d_forward``, ``conv2d_backward``,
-  ``bn_act_pool_{forward,backward,rforward,rbackward}``); :mod:`.cpp` probes the C++ ops.
+* :mod:`.backends` ``layer_kernels(device, backend)``: the implementation (torch, cpp, triton)
+  of the six swappable kernels (``conv2d_forward``, ``conv2d_backward``,
+  ``bn_act_pool_{forward,backward,rforward,rbackward}``) that the one resolver
+  (:mod:`fastmaml.kernels.resolver`) picks; :mod:`.cpp` probes the C++ ops and registers their fakes.
 
-:mod:`.reference` gathers the torch implementations under their old names.
+:mod:`.torch_kernels` gathers the torch implementations (for tests and benchmarks).
 """
 
 from __future__ import annotations
