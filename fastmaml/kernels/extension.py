@@ -46,7 +46,8 @@ def missing_kernels(namespace: str, names: Sequence[str], dispatch_key: str = "C
 
 
 @functools.lru_cache(maxsize=None)
-def _why_not(namespace: str, names: Tuple[str, ...]) -> str:
+def why_not_available(namespace: str, names: Tuple[str, ...]) -> str:
+    """Why ``torch.ops.<namespace>`` cannot serve ``names`` on the CPU ("" when it can); cached."""
     loaded, why = load()
     if not loaded:
         return why
@@ -59,7 +60,7 @@ def ops(namespace: str, names: Sequence[str]):
     """``torch.ops.<namespace>`` when the extension is loaded with CPU kernels for ``names``; else a
     RuntimeError that says why (for callers that call compiled ops directly, such as the layer
     families' C++ wrappers)."""
-    why = _why_not(namespace, tuple(names))
+    why = why_not_available(namespace, tuple(names))
     if why:
         raise RuntimeError(f"the C++ kernels {', '.join(names)} are not available: {why}")
     return getattr(torch.ops, namespace)
