@@ -179,3 +179,27 @@ def test_the_library_and_the_configs_agree_on_the_init_of_old_runs():
     """fastmaml.models (the library) does not import the configs: it spells out the ``init`` of a
     config saved before the key existed; the two must agree."""
     assert models.INIT_OF_OLD_CONFIGS == configs.KEYS["init"].absent
+
+
+def test_checkpoint_config_from_before_a_key_existed_takes_its_absent_value(tmp_path):
+    """A run saved before ``resize`` existed (its config has no such key) evaluates and resumes as
+    what it was, ``resize=lanczos``; a key without an ``absent`` value missing is still refused."""
+    from fastmaml.app import evaluate as ev
+    from fastmaml.app.checkpoint import CheckpointError
+
+    old = configs.get("omniglot-5w1s")
+    del old["resize"]
+    got = ev.config_of({"config": dict(old)}, tmp_path / "checkpoint.pt")
+    assert got["resize"] == "lanczos" and "resize" not in old
+    assert configs.differences(old, configs.get("omniglot-5w1s")) == []
+    assert [d[0] for d in configs.differences(old, configs.resolve("omniglot-5w1s", ["resize=nearest"]))] == ["resize"]
+    del old["meta_batch"]
+    with pytest.raises(CheckpointError, match=r"missing \['meta_batch'\]"):
+        ev.config_of({"config": dict(old)}, tmp_path / "checkpoint.pt")
+
+
+def test_resize_and_maml_val_settings():
+    c = configs.resolve("omniglot-5w1s", ["resize=nearest", "split_scheme=maml_val"])
+    assert c["resize"] == "nearest" and c["split_scheme"] == "maml_val" and c["val_every"] == 1000
+    with pytest.raises(UserError, match="resize=bilinear: expected one of lanczos, nearest"):
+        configs.resolve("omniglot-5w1s", ["resize=bilinear"])

@@ -58,6 +58,33 @@ def test_decode_is_inverted_binary_and_ordered(tiny, tmp_path):
     assert abs(small.mean() - arr.mean()) < 0.25 * arr.mean()
 
 
+def test_nearest_resize_is_the_maml_codes_images(tiny, tmp_path):
+    """``resize="nearest"`` gives the images the MAML code trained on: its resize_images.py calls
+    ``Image.open(png).resize((28, 28), resample=Image.LANCZOS)`` on the 1-bit PNG, which PIL resizes by
+    nearest neighbour (strokes = black = 0). That call, written out here, against the loader. The
+    default (LANCZOS on grey, binarised) differs from it, and each has its own cache file."""
+    cache = tmp_path / "c"
+    near, names, info = of.load_characters(tiny, 28, cache_dir=cache, num_workers=1, resize="nearest")
+    lanc, names2, info2 = of.load_characters(tiny, 28, cache_dir=cache, num_workers=1)
+    assert names == names2 and info["cache_path"] != info2["cache_path"]
+    assert info["cache_path"].endswith("omniglot-28x28-nearest.fmcache")
+    checked = 0
+    for z in sorted(tiny.glob("*.zip")):
+        with zipfile.ZipFile(z) as zf:
+            for member in sorted(n for n in zf.namelist() if n.endswith(".png")):
+                part, alphabet, char, fn = member.split("/")
+                im = Image.open(zf.open(member))
+                assert im.mode == "1"  # as the Omniglot distribution's PNGs
+                want = (np.asarray(im.resize((28, 28), resample=Image.LANCZOS)) == 0).astype(np.uint8)
+                drawing = sorted(m for m in zf.namelist() if m.startswith(f"{part}/{alphabet}/{char}/")).index(member)
+                assert np.array_equal(near[names.index(f"{alphabet}/{char}"), drawing], want), member
+                checked += 1
+    assert checked == near.shape[0] * near.shape[1]
+    assert not np.array_equal(near, lanc)
+    again, _, info3 = of.load_characters(tiny, 28, cache_dir=cache, num_workers=1, resize="nearest")
+    assert info3["source"] == "cache" and np.array_equal(again, near)
+
+
 def test_parallel_decode_and_folders_match_serial_zip(tiny, tmp_path):
     a, na, _ = of.load_characters(tiny, 28, cache_dir=tmp_path / "c1", num_workers=1)
     b, nb, _ = of.load_characters(tiny, 28, cache_dir=tmp_path / "c2", num_workers=2)
@@ -129,8 +156,10 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(ValueError, match=r"split: expected one of \['train', 'test'\] for split_scheme='maml', got 'val'"):
         Omniglot(tiny, split="val", split_scheme="maml")
-    with pytest.raises(ValueError, match=r"split_scheme: expected one of \['maml', 'vinyals'\], got 'lake'"):
+    with pytest.raises(ValueError, match=r"split_scheme: expected one of \['maml', 'maml_val', 'vinyals'\], got 'lake'"):
         Omniglot(tiny, split_scheme="lake")
+    with pytest.raises(ValueError, match=r"resize: expected one of \['lanczos', 'nearest'\], got 'bicubic'"):
+        Omniglot(tiny, resize="bicubic")
     with pytest.raises(ValueError, match="split: expected one of"):
         Omniglot(tiny, split="validation")
     with pytest.raises(FileNotFoundError, match=r"root: Omniglot not found: expected .*images_background\.zip.*FASTMAML_DATA.*download=True"):
@@ -239,6 +268,11 @@ def test_real_splits(real, monkeypatch):
     digest = hashlib.sha256("\n".join(sorted(ctest)).encode()).hexdigest()
     assert digest == "7f2b07731dcab08ea90b104aca782995e19882dc64719ea854a0e593b43bd4ef"
     assert Omniglot(split="train", split_scheme="maml", rotations=False, **kw).num_classes == 1200
+    # maml_val (the MAML code's): 100 of the 1200 held out for validation, the same 423 for testing
+    vparts = {sp: {n.rsplit("/", 1)[0] for n in Omniglot(split=sp, split_scheme="maml_val", **kw).class_names}
+              for sp in ("train", "val", "test")}
+    assert (len(vparts["train"]), len(vparts["val"])) == (1100, 100) and vparts["test"] == ctest
+    assert vparts["train"] | vparts["val"] == ctrain and not vparts["train"] & vparts["val"]
 
 
 @pytest.mark.data
@@ -303,3 +337,18 @@ def test_real_determinism_and_bad_arguments(real):
         Omniglot(real["data"], ways=2000, **kw)
     with pytest.raises(ValueError, match=r"shots \+ queries: expected at most 20 .*got shots=5 \+ queries=16 = 21"):
         Omniglot(real["data"], shots=5, queries=16, **kw)
+
+
+def test_maml_val_split_on_names_alone():
+    """``maml_val`` cuts the ``maml`` order: train = its first 1100 characters, val = the next 100,
+    test = the ``maml`` test; written out from the sha256 order of the module docstring."""
+    from fastmaml.data import splits
+
+    names = [f"A{a:02d}/character{c:02d}" for a in range(50) for c in range(1, 34)][:1623]
+    order = sorted(names, key=lambda n: hashlib.sha256(f"0/{n}".encode()).hexdigest())
+    assert splits.maml_characters(names, "train", "maml_val") == sorted(order[:1100])
+    assert splits.maml_characters(names, "val", "maml_val") == sorted(order[1100:1200])
+    assert splits.maml_characters(names, "test", "maml_val") == splits.maml_characters(names, "test") == sorted(order[1200:])
+    assert splits.maml_characters(names, "train") == sorted(order[:1200])
+    with pytest.raises(ValueError, match=r"split: expected one of \['train', 'test'\] for split_scheme='maml', got 'val'"):
+        splits.maml_characters(names, "val")

@@ -163,3 +163,82 @@ def test_cli_eval_sinusoid_numbers_by_hand(tmp_path, capsys):
     mses = [r["mse"] for r in result["mse_by_step"]]
     assert all(b < a for a, b in zip(mses, mses[1:])), mses
     assert result["mse"] == mses[-1]
+
+
+def _bn_classifier():
+    # BatchNorm with batch statistics (track_running_stats=False), as the paper's networks: the
+    # outputs of a query image depend on the other images of its forward pass
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(),
+                         nn.Linear(8, 3)).double()
+
+
+def _episode_batch(T, N, K, Q, seed):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.5, 3.0, 5, dtype=torch.float64)  # features of unequal spread
+    sx = torch.randn(T, N * K, 5, generator=g, dtype=torch.float64) * scale + 0.3
+    qx = torch.randn(T, N * Q, 5, generator=g, dtype=torch.float64) * scale + 0.3
+    sy = torch.arange(N).repeat_interleave(K).expand(T, -1).contiguous()
+    qy = torch.arange(N).repeat_interleave(Q).expand(T, -1).contiguous()
+    return sx, sy, qx, qy
+
+
+@pytest.mark.parametrize("per_pass", [1, 2, 4])
+def test_query_passes_by_hand(per_pass):
+    """``--queries-per-pass K``: each task's queries go through the adapted network in balanced passes
+    of K per class (BatchNorm normalizes with each pass's statistics). By hand: 2 SGD steps per task,
+    then, for pass i, the queries i*K..(i+1)*K-1 *of each label* (found by label, not by position)
+    through ``functional_call``; the accuracy and mean cross-entropy over all queries. A pass that
+    took K*N consecutive queries (unbalanced classes) fails this."""
+    torch.manual_seed(55)
+    model = _bn_classifier()
+    T, N, K, Q = 3, 3, 2, 4
+    sx, sy, qx, qy = _episode_batch(T, N, K, Q, seed=55)
+    learner = fastmaml.MAML(copy.deepcopy(model), inner_lr=0.3, inner_steps=2)
+    names = list(learner.adapted_names)
+    sizes = [p.numel() for n, p in model.named_parameters() if n in names]
+    rates = rate_table("scalar", torch.tensor(0.3, dtype=torch.float64), 2, sizes)
+    acc, loss = ev.query_passes(learner, sx, sy, qx, qy, N, per_pass, steps=2)
+    for t in range(T):
+        fast = hand_adapt(model, names, sx[t], sy[t], 2, rates)[-1]
+        correct, ce = 0, 0.0
+        of_label = [torch.nonzero(qy[t] == c).flatten() for c in range(N)]
+        for i in range(0, Q, per_pass):
+            idx = torch.cat([rows[i:i + per_pass] for rows in of_label])
+            with torch.no_grad():
+                pred = functional_call(model, fast, (qx[t, idx],))
+            correct += int((pred.argmax(-1) == qy[t, idx]).sum())
+            ce += float(F.cross_entropy(pred, qy[t, idx], reduction="sum"))
+        assert float(acc[t]) == correct / (N * Q)
+        assert float(loss[t]) == pytest.approx(ce / (N * Q), rel=1e-12)
+
+
+def test_query_passes_of_all_queries_is_evaluate_and_smaller_passes_differ():
+    """One pass of all Q queries per class is exactly ``MAML.evaluate``; passes of 1 per class give
+    other losses (the batch statistics change), which is what the option is for."""
+    torch.manual_seed(56)
+    T, N, K, Q = 4, 3, 1, 6
+    sx, sy, qx, qy = _episode_batch(T, N, K, Q, seed=56)
+    learner = fastmaml.MAML(_bn_classifier(), inner_lr=0.3, inner_steps=1)
+    out = learner.evaluate(sx, sy, qx, qy, steps=3)
+    acc, loss = ev.query_passes(learner, sx, sy, qx, qy, N, Q, steps=3)
+    torch.testing.assert_close(acc, out.task_accuracy.double(), rtol=0, atol=0)
+    torch.testing.assert_close(loss, out.task_losses.double(), rtol=1e-14, atol=0)
+    _, loss1 = ev.query_passes(learner, sx, sy, qx, qy, N, 1, steps=3)
+    assert (loss1 - loss).abs().min() > 1e-6
+    with pytest.raises(fastmaml.app.errors.UserError, match=r"--queries-per-pass 4: expected a divisor of the queries per class \(6\)"):
+        ev.query_passes(learner, sx, sy, qx, qy, N, 4, steps=3)
+
+
+def test_cli_eval_queries_per_pass_checks(tmp_path, capsys):
+    """``fastmaml eval --queries-per-pass``: refused for sinusoid and when it does not divide
+    --queries (one line naming both); recorded in eval.json."""
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["train", "sinusoid-tiny", "--out", str(run), "--threads", "1", "--quiet", "--set",
+                         "iterations=1", "val_every=0"]) == 0
+        capsys.readouterr()
+        assert cli.main(["eval", str(run), "--episodes", "2", "--queries-per-pass", "1", "--quiet"]) == 2
+        assert "--queries-per-pass: only for classification runs" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

@@ -46,8 +46,12 @@ KEYS: Dict[str, Key] = {
     "eval_queries": Key("query examples per class (points for sinusoid) in validation and evaluation", min=1),
     "image_size": Key("images are resized to image_size x image_size", min=4),
     "rotations": Key("augment the classes with rotations by 90, 180, 270 degrees (Omniglot)"),
-    "split_scheme": Key("Omniglot class split: vinyals (train/val/test) or maml (1200 train / 423 test "
-                        "characters, no validation split: needs val_every=0)", choices=("vinyals", "maml")),
+    "split_scheme": Key("Omniglot class split: vinyals (train/val/test), maml (1200 train / 423 test "
+                        "characters, no validation split: needs val_every=0) or maml_val (the MAML code's: 1100 "
+                        "train / 100 val / the same 423 test)", choices=("vinyals", "maml", "maml_val")),
+    "resize": Key("Omniglot 105 -> image_size: lanczos (antialiased, then binarised) or nearest (the images "
+                  "the MAML code trained on: PIL resizes its 1-bit PNGs by nearest neighbour)",
+                  choices=("lanczos", "nearest"), absent="lanczos"),
     "download": Key("download the data set when it is missing (where the data layer can)", resumable=True),
     "hidden": Key("conv filters per layer (conv4) / hidden widths (mlp, a comma-separated list)", min=1),
     "init": Key("initialization: torch (PyTorch's defaults) or paper (the MAML code's: fully connected weights "
@@ -144,7 +148,7 @@ _OMNIGLOT = dict(
     _COMMON,
     dataset="omniglot", model="conv4", hidden=64, max_pool=True, init="torch",
     ways=5, shots=1, queries=1, eval_queries=15,
-    image_size=28, rotations=True, split_scheme="vinyals", download=False,
+    image_size=28, rotations=True, split_scheme="vinyals", resize="lanczos", download=False,
     inner_lr=0.4, inner_steps=1,
     meta_batch=32, iterations=60000,
     val_every=1000, val_episodes=100, eval_batch=50,

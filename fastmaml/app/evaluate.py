@@ -6,6 +6,13 @@ mean query accuracy with its 95% confidence interval ``1.96 * s / sqrt(n)``, whe
 *sample* standard deviation of the per-episode accuracies (``ddof=1``; the paper's code uses
 ``np.std``, ``ddof=0``: the two differ by a factor sqrt(n / (n - 1)), 0.08% at n = 600).
 
+BatchNorm with batch statistics (every built-in Omniglot and mini-ImageNet network) normalizes the
+query images with the statistics of the images in the same forward pass, so the accuracy depends on
+how many go through at once. ``--queries-per-pass K`` sends the queries through K per class at a
+time (default: all at once); K = the config's ``queries`` gives the batch statistics the run was
+meta-trained with, which is also what the MAML code's evaluation does (its test episodes have K
+queries per class, the training's).
+
 Sinusoid: the mean squared error on held-out tasks (one task = one episode) after 0, 1, ..., ``steps``
 inner steps, each with its 95% confidence interval.
 
@@ -63,6 +70,10 @@ def add_arguments(p) -> None:
                    "~/.cache/fastmaml)")
     p.add_argument("--queries", type=_positive_int, default=None,
                    help="query examples per class (points for sinusoid); default: the config's eval_queries")
+    p.add_argument("--queries-per-pass", type=_positive_int, default=None, metavar="K",
+                   help="classification: send the queries through the adapted network K per class at a time, so "
+                   "BatchNorm's batch statistics see N*K query images, as in meta-training with queries=K (must "
+                   "divide --queries); default: all queries in one pass")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which classes to test on")
     p.add_argument("--batch", type=_positive_int, default=None, help="episodes at a time (default: eval_batch)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -109,14 +120,18 @@ def check_run_config(ckpt: Dict[str, Any], path: Path) -> None:
 
 
 def config_of(ckpt: Dict[str, Any], path: Path) -> Config:
-    """The checkpoint's config, checked against this fastmaml's config keys and types."""
+    """The checkpoint's config, checked against this fastmaml's config keys and types. A key added
+    after the checkpoint was written takes its ``absent`` value (what such runs did)."""
     from . import checkpoint as ckpt_mod
 
-    saved = ckpt["config"]
+    saved = dict(ckpt["config"])
     name = saved.get("config")
     if name not in configs.CONFIGS:
         raise ckpt_mod.CheckpointError(f"checkpoint {path} names config {name!r}, unknown to this fastmaml")
     base = configs.get(name)
+    for k in base:
+        if k not in saved and k in configs.KEYS and configs.KEYS[k].absent is not None:
+            saved[k] = configs.KEYS[k].absent
     missing = [k for k in base if k not in saved]
     extra = [k for k in saved if k not in base]
     if missing or extra:
@@ -125,7 +140,7 @@ def config_of(ckpt: Dict[str, Any], path: Path) -> Config:
     for k, v in saved.items():
         if k != "config":
             configs.check_value(k, v, base[k], source=f"checkpoint {path}:")
-    return dict(saved)
+    return saved
 
 
 def restore_learner(ckpt: Dict[str, Any], path: Path, device: torch.device):
@@ -157,9 +172,40 @@ def regression_errors(learner, sx, sy, qx, qy, max_steps: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def query_passes(learner, sx, sy, qx, qy, ways: int, per_pass: int, steps: int):
+    """(accuracy [T], mean cross-entropy [T]) of every task's queries, sent through the adapted network
+    ``per_pass`` per class at a time.
+
+    The sampler lays the queries out class-major (``qy = [0]*Q + [1]*Q + ...``), so pass i takes
+    queries ``i*per_pass .. (i+1)*per_pass - 1`` of every class: each pass is a balanced N-way batch,
+    as a training query set of ``per_pass`` queries per class is. ``per_pass`` must divide Q."""
+    import torch
+    import torch.nn.functional as F
+
+    T, M = qy.shape[:2]
+    Q = M // ways
+    if Q * ways != M or Q % per_pass:
+        raise UserError(f"--queries-per-pass {per_pass}: expected a divisor of the queries per class ({Q})")
+    fast = learner.adapt(sx, sy, steps=steps)
+    by_class_x = qx.reshape(T, ways, Q, *qx.shape[2:])
+    by_class_y = qy.reshape(T, ways, Q)
+    correct = torch.zeros(T, dtype=torch.float64, device=qy.device)
+    loss_sum = torch.zeros(T, dtype=torch.float64, device=qy.device)
+    with torch.no_grad():
+        for i in range(0, Q, per_pass):
+            x = by_class_x[:, :, i:i + per_pass].reshape(T, ways * per_pass, *qx.shape[2:])
+            y = by_class_y[:, :, i:i + per_pass].reshape(T, ways * per_pass)
+            logits = learner.predict(fast, x)
+            correct += (logits.argmax(-1) == y).sum(1).double()
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            loss_sum += ce.view(T, -1).double().sum(1)
+    return correct / M, loss_sum / M
+
+
 def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int, seed: int,
-             progress=None) -> Dict[str, Any]:
-    """The evaluation summary dict (what eval.json holds, less the bookkeeping)."""
+             progress=None, queries_per_pass=None) -> Dict[str, Any]:
+    """The evaluation summary dict (what eval.json holds, less the bookkeeping).
+    ``queries_per_pass``: see :func:`query_passes` (None: every query in one pass)."""
     import numpy as np
     import torch
 
@@ -169,9 +215,13 @@ def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int,
         accs: List[float] = []
         losses: List[float] = []
         for sx, sy, qx, qy in fixed_episodes(ds, episodes, batch, seed):
-            out = learner.evaluate(sx, sy, qx, qy, steps=steps)
-            accs.extend(out.task_accuracy.double().cpu().tolist())
-            losses.extend(out.task_losses.double().cpu().tolist())
+            if queries_per_pass is None:
+                out = learner.evaluate(sx, sy, qx, qy, steps=steps)
+                acc, loss = out.task_accuracy, out.task_losses
+            else:
+                acc, loss = query_passes(learner, sx, sy, qx, qy, config["ways"], queries_per_pass, steps)
+            accs.extend(acc.double().cpu().tolist())
+            losses.extend(loss.double().cpu().tolist())
             done += sx.shape[0]
             if progress is not None:
                 progress.update(done, accuracy=float(np.mean(accs)))
@@ -242,6 +292,13 @@ def _main(args) -> int:
     batch = args.batch or config["eval_batch"]
     seed = {"test": config["eval_seed"], "val": config["val_seed"], "train": config["eval_seed"]}[args.split]
     queries = args.queries or config["eval_queries"]
+    per_pass = args.queries_per_pass
+    if per_pass is not None:
+        if config["dataset"] == "sinusoid":
+            raise UserError("--queries-per-pass: only for classification runs (a sinusoid task's points are "
+                            "independent: the MLP has no BatchNorm)")
+        if queries % per_pass:
+            raise UserError(f"--queries-per-pass {per_pass}: expected a divisor of --queries ({queries} per class)")
     if config["dataset"] == "omniglot" and config["shots"] + queries > 20:
         raise UserError(f"--queries {queries}: Omniglot has 20 drawings per character, shots ({config['shots']}) "
                         "+ queries must be <= 20")
@@ -260,11 +317,12 @@ def _main(args) -> int:
         learner.inner_lr.check_steps(steps)
     except ValueError as e:
         raise UserError(f"--steps {steps}: {e}") from None
-    result = evaluate(learner, config, ds, episodes, steps, batch, seed, progress=bar)
+    result = evaluate(learner, config, ds, episodes, steps, batch, seed, progress=bar, queries_per_pass=per_pass)
     bar.close()
     out: Dict[str, Any] = {
         "config": config["config"], "iteration": ckpt["iteration"], "checkpoint": str(ckpt_path),
         "split": args.split, "steps": steps, "seed": seed, "queries": queries,
+        "queries_per_pass": per_pass if per_pass is not None else queries,
         "shots": config["shots"],
     }
     if config["dataset"] != "sinusoid":

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import omniglot_files, splits
+from . import decode, omniglot_files, splits
 from .sampler import TaskSampler, check_int
 
 
@@ -27,10 +27,11 @@ class Omniglot(TaskSampler):
     Args:
         root: the Omniglot folder (holding the two zips or their extracted folders) or a folder
             containing ``omniglot/``; None: ``$FASTMAML_DATA/omniglot``, then ``~/.cache/fastmaml/omniglot``.
-        split: ``"train" | "val" | "test" | "trainval"`` (vinyals) or ``"train" | "test"`` (maml).
+        split: ``"train" | "val" | "test" | "trainval"`` (vinyals), ``"train" | "test"`` (maml) or
+            ``"train" | "val" | "test"`` (maml_val).
         ways, shots, queries: N, K and Q (queries per class).
         image_size: output side (or (H, W)); 28 as in the MAML paper; 105 keeps the originals.
-        split_scheme: ``"vinyals"`` or ``"maml"`` (see ``splits``).
+        split_scheme: ``"vinyals"``, ``"maml"`` or ``"maml_val"`` (see ``splits``).
         rotations: each character at 0/90/180/270 degrees as 4 classes (False: 0 degrees only).
         device: where ``images`` lives and episodes are made.
         download: fetch the official zips (MD5-verified) when not found.
@@ -38,6 +39,8 @@ class Omniglot(TaskSampler):
         cache_dir: folder for the decoded-image cache (default: ``$FASTMAML_CACHE/omniglot``, else
             ``~/.cache/fastmaml/omniglot``; the data folder is never written).
         num_workers: decoding processes on a cache miss (None: one per core).
+        resize: ``"lanczos"`` (antialiased, the default) or ``"nearest"`` (the images the MAML code
+            trained on); see ``decode``.
     """
 
     def __init__(
@@ -56,8 +59,11 @@ class Omniglot(TaskSampler):
         *,
         cache_dir=None,
         num_workers: Optional[int] = None,
+        resize: str = "lanczos",
     ):
         splits.check_split(split_scheme, split)
+        decode.check_resize(resize)
+        self.resize = resize
         self.split = split
         self.split_scheme = split_scheme
         self.rotations = bool(rotations)
@@ -79,10 +85,11 @@ class Omniglot(TaskSampler):
             )
         self.root = omniglot_files.find_data_dir(root, download)
         chars, char_names, self.load_info = omniglot_files.load_characters(
-            self.root, image_size, cache_dir=cache_dir, num_workers=num_workers
+            self.root, image_size, cache_dir=cache_dir, num_workers=num_workers, resize=resize
         )
         if class_names is None:
-            class_names = splits.with_rotations(splits.maml_characters(char_names, split), self.rotations)
+            class_names = splits.with_rotations(splits.maml_characters(char_names, split, split_scheme),
+                                                self.rotations)
         row = {n: i for i, n in enumerate(char_names)}
         rows, turns, missing = [], [], []
         for name in class_names:

@@ -7,16 +7,18 @@ an extracted folder is preferred over the zip when both are present.
 ``load_characters`` returns all characters of both parts, sorted by ``Alphabet/characterNN``,
 as uint8 ``[num_characters, 20, H, W]`` (stroke = 1, background = 0; drawings sorted by file name)
 plus the character names. The first call decodes the 32,460 PNGs (``decode.decode_strokes``) and
-writes a cache file ``omniglot-<H>x<W>.fmcache`` in the cache folder (``cache_dir``, else
+writes a cache file ``omniglot-<H>x<W>.fmcache`` (``omniglot-<H>x<W>-nearest.fmcache`` for
+``resize="nearest"``) in the cache folder (``cache_dir``, else
 ``$FASTMAML_CACHE/omniglot``, default ``~/.cache/fastmaml/omniglot``; never the data folder, see
 ``paths.cache_locations``). The cache is keyed on the sources (each
 zip's size and mtime; for an extracted folder, every file's path, size and mtime), the image size
-and the preprocessing version; it carries a SHA-256 of its payload. A stale or corrupt cache is
+and the preprocessing (resize method and version); it carries a SHA-256 of its payload. A stale or corrupt cache is
 rebuilt (and rewritten atomically). A hit reads no PNG and does not parse the zips.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -32,7 +34,8 @@ from . import cache, decode, paths
 
 PARTS = ("images_background", "images_evaluation")
 DRAWINGS = 20
-PREPROCESS_VERSION = "lanczos-threshold128-v1"
+PREPROCESS_VERSION = "lanczos-threshold128-v1"  # the cache key of resize="lanczos", as before "nearest" existed
+PREPROCESS_VERSIONS = {"lanczos": PREPROCESS_VERSION, "nearest": "pil-nearest-threshold128-v1"}
 
 HOW_TO_GET = (
     "pass download=True to fetch the official zips, or set FASTMAML_DATA to a folder that "
@@ -175,8 +178,9 @@ def load_characters(
     image_size=28,
     cache_dir=None,
     num_workers: Optional[int] = None,
+    resize: str = "lanczos",
 ) -> Tuple[np.ndarray, List[str], Dict[str, object]]:
-    """All Omniglot characters: (uint8 ``[n, 20, H, W]``, names, info).
+    """All Omniglot characters: (uint8 ``[n, 20, H, W]``, names, info); ``resize``: see ``decode``.
 
     ``info``: ``source`` ("cache" or "decoded"), ``cache_path``, ``cache_reason`` (why the cache
     was not used, if it was not), ``seconds``.
@@ -184,6 +188,7 @@ def load_characters(
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
     h, w = image_hw(image_size)
+    decode.check_resize(resize)
     sources = []
     for part in PARTS:
         src = part_source(data_dir, part)
@@ -196,11 +201,11 @@ def load_characters(
     key = {
         "dataset": "omniglot",
         "format": 1,
-        "preprocess": PREPROCESS_VERSION,
+        "preprocess": PREPROCESS_VERSIONS[resize],
         "size": [h, w],
         "sources": {part: source_stamp(src) for part, src in sources},
     }
-    fname = f"omniglot-{h}x{w}.fmcache"
+    fname = f"omniglot-{h}x{w}.fmcache" if resize == "lanczos" else f"omniglot-{h}x{w}-{resize}.fmcache"
     folders = paths.cache_locations(data_dir, "omniglot", cache_dir)
     reasons = []
     for folder in folders:
@@ -226,7 +231,7 @@ def load_characters(
         items.extend(l.read_items(ns))
         where.extend(f"{l.source}:{m}" for n in ns for m in l.chars[n])
     order = np.argsort(np.array(names, dtype=object), kind="stable")
-    arr = decode.decode_all(decode.decode_strokes, items, (h, w), num_workers=num_workers,
+    arr = decode.decode_all(functools.partial(decode.decode_strokes, resize=resize), items, (h, w), num_workers=num_workers,
                             describe=lambda i: where[i])
     arr = arr.reshape(len(names), DRAWINGS, h, w)[order]
     names = [names[i] for i in order]

@@ -11,6 +11,10 @@ direction of PIL's ``Image.rotate(DDD)``).
   meta-testing. The 1200 are chosen by a fixed seeded shuffle that depends on nothing but the
   character names: all characters ordered by ``sha256(f"{MAML_SPLIT_SEED}/{name}")`` (hex digest),
   the first 1200 are ``train``, the rest ``test``; each list is then sorted by name.
+* ``maml_val``: the split of the MAML code (``data_generator.py``), which holds 100 of the 1200
+  out of training for validation: ``train`` = the first 1100 characters of that order, ``val`` = the
+  next 100, ``test`` = the same 423 as ``maml``. (The code's first release evaluated
+  ``--test_set=True`` on the 100 validation characters; a fix of October 2017 swapped them back.)
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import List, Sequence
 
 VINYALS_SPLITS = ("train", "val", "test", "trainval")
 MAML_SPLITS = ("train", "test")
-SCHEMES = {"vinyals": VINYALS_SPLITS, "maml": MAML_SPLITS}
+MAML_VAL_SPLITS = ("train", "val", "test")
+SCHEMES = {"vinyals": VINYALS_SPLITS, "maml": MAML_SPLITS, "maml_val": MAML_VAL_SPLITS}
 ROTATIONS = (0, 90, 180, 270)
 MAML_SPLIT_SEED = 0
 MAML_TRAIN_CHARACTERS = 1200
+MAML_VAL_CHARACTERS = 100  # maml_val: the last 100 of the 1200, as the MAML code's num_val
 
 
 class PackageFileMissing(RuntimeError):
@@ -58,9 +64,12 @@ def vinyals_classes(split: str, rotations: bool = True) -> List[str]:
     return names
 
 
-def maml_characters(all_characters: Sequence[str], split: str) -> List[str]:
-    """The MAML-protocol characters of ``split`` out of ``all_characters`` (see module docstring)."""
-    check_split("maml", split)
+def maml_characters(all_characters: Sequence[str], split: str, scheme: str = "maml") -> List[str]:
+    """The characters of ``split`` under ``scheme`` (``"maml"`` or ``"maml_val"``) out of
+    ``all_characters`` (see module docstring)."""
+    if scheme not in ("maml", "maml_val"):
+        raise ValueError(f"scheme: expected 'maml' or 'maml_val', got {scheme!r}")
+    check_split(scheme, split)
     chars = sorted(set(all_characters))
     if len(chars) <= MAML_TRAIN_CHARACTERS:
         raise ValueError(
@@ -68,7 +77,13 @@ def maml_characters(all_characters: Sequence[str], split: str) -> List[str]:
             f"(1623 in Omniglot), got {len(chars)}"
         )
     order = sorted(chars, key=lambda c: hashlib.sha256(f"{MAML_SPLIT_SEED}/{c}".encode("utf-8")).hexdigest())
-    chosen = order[:MAML_TRAIN_CHARACTERS] if split == "train" else order[MAML_TRAIN_CHARACTERS:]
+    n_train = MAML_TRAIN_CHARACTERS - (MAML_VAL_CHARACTERS if scheme == "maml_val" else 0)
+    if split == "train":
+        chosen = order[:n_train]
+    elif split == "val":
+        chosen = order[n_train:MAML_TRAIN_CHARACTERS]
+    else:
+        chosen = order[MAML_TRAIN_CHARACTERS:]
     return sorted(chosen)
 
 
