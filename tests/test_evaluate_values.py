@@ -24,6 +24,7 @@ import fastmaml
 from fastmaml.app import cli, configs
 from fastmaml.app import evaluate as ev
 from fastmaml.app.episodes import fixed_episodes
+from fastmaml.app.errors import UserError
 from fastmaml.app.run_setup import make_dataset
 from helpers import hand_adapt, mlp, rate_table, regression_batch
 
@@ -225,7 +226,7 @@ def test_query_passes_of_all_queries_is_evaluate_and_smaller_passes_differ():
     torch.testing.assert_close(loss, out.task_losses.double(), rtol=1e-14, atol=0)
     _, loss1 = ev.query_passes(learner, sx, sy, qx, qy, N, 1, steps=3)
     assert (loss1 - loss).abs().min() > 1e-6
-    with pytest.raises(fastmaml.app.errors.UserError, match=r"--queries-per-pass 4: expected a divisor of the queries per class \(6\)"):
+    with pytest.raises(UserError, match=r"--queries-per-pass 4: expected a divisor of the queries per class \(6\)"):
         ev.query_passes(learner, sx, sy, qx, qy, N, 4, steps=3)
 
 
@@ -242,3 +243,11 @@ def test_cli_eval_queries_per_pass_checks(tmp_path, capsys):
         assert "--queries-per-pass: only for classification runs" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_summary_line_names_the_query_passes():
+    base = {"config": "omniglot-5w1s", "iteration": 60000, "split": "test", "episodes": 600, "steps": 10,
+            "accuracy": 0.9933, "accuracy_ci95": 0.0015, "queries": 15}
+    assert ev.summary_line(dict(base, queries_per_pass=15)).endswith("(95% CI over 600 episodes).")
+    assert ev.summary_line(dict(base, queries_per_pass=1)).endswith(
+        "99.33% ± 0.15% (95% CI over 600 episodes); queries in passes of 1 per class.")

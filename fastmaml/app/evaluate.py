@@ -264,7 +264,9 @@ def summary_line(result: Dict[str, Any]) -> str:
     if "accuracy" in result:
         ci = result["accuracy_ci95"]
         spread = f" ± {100 * ci:.2f}% (95% CI over {n} episodes)" if ci is not None else f" ({n} episode)"
-        return f"{head}: accuracy after {_steps(s)}: {100 * result['accuracy']:.2f}%{spread}."
+        q, k = result.get("queries"), result.get("queries_per_pass")
+        passes = f"; queries in passes of {k} per class" if k is not None and q is not None and k < q else ""
+        return f"{head}: accuracy after {_steps(s)}: {100 * result['accuracy']:.2f}%{spread}{passes}."
     by = result["mse_by_step"]
     ci = result["mse_ci95"]
     spread = f" ± {_three_digits(ci)} (95% CI over {n} tasks)" if ci is not None else f" ({n} task)"
