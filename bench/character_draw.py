@@ -15,7 +15,6 @@ would give (the mean of the per-subset ``s / sqrt(n)``): the difference is the c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 from fastmaml.app import evaluate as ev  # noqa: E402
 from fastmaml.app.run_setup import make_dataset, set_threads  # noqa: E402
@@ -40,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=os.environ.get("FASTMAML_DATA", "../shared/data"))
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.out.suffix != ".json":
+        p.error(f"--out: expected a .json file, got {a.out}")
     set_threads(a.threads)
     ckpt, _, path = ev.load_run(str(a.run))
     config, learner = ev.restore_learner(ckpt, path, torch.device("cpu"))
@@ -72,9 +73,7 @@ def main(argv=None) -> int:
            "sd_from_the_character_draw": draw_sd}
     print(f"sd over draws {100 * spread:.2f} points; episodes alone {100 * episode_sd:.2f}; "
           f"the character draw {100 * draw_sd:.2f}")
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, a.out)
+    write_json(a.out.stem, out, str(a.out.parent))
     return 0
 
 

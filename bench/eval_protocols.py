@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 
 def eval_run(run: Path, steps: int, per_pass, data: str, threads: int) -> dict:
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--note", default="", help="machine load while it ran, etc.")
     a = p.parse_args(argv)
+    if a.out.suffix != ".json":
+        p.error(f"--out: expected a .json file, got {a.out}")
     result = {"what": a.what, "machine": machine("cpu"), "note": a.note,
               "command": "python bench/eval_protocols.py " + " ".join(map(str, a.runs)) + " --steps "
               + " ".join(map(str, a.steps)), "runs": {}}
@@ -71,9 +73,7 @@ def main(argv=None) -> int:
                 print(f"{run.name:40s} {r['iteration']:>6d} it  {steps:>2d} steps  {name:16s} "
                       f"{100 * r['accuracy']:6.2f} ± {100 * r['accuracy_ci95']:.2f} %")
         result["runs"][run.name] = entry
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, a.out)
+    write_json(a.out.stem, result, str(a.out.parent))
     return 0
 
 
