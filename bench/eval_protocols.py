@@ -4,10 +4,11 @@ BatchNorm with batch statistics makes a query's prediction depend on the other i
 pass (docs/reproduction.md, "Query set sizes, and BatchNorm at test time"). For every run folder given,
 this runs ``fastmaml eval`` on the same 600 fixed test episodes (the config's ``eval_seed``) with
 
-* ``one_pass``: all ``eval_queries`` (15) queries per class in one forward pass (the default of
-  ``fastmaml eval``), and
-* ``training_passes``: passes of the config's ``queries`` per class (``--queries-per-pass``): the
-  batch statistics the run was meta-trained with, and what the MAML code's test does,
+* ``one_pass``: all ``eval_queries`` (15) queries per class in one forward pass
+  (``--queries-per-pass all``), and
+* ``training_passes``: passes of the config's ``queries`` per class (``--queries-per-pass K``, the
+  default of ``fastmaml eval``): the batch statistics the run was meta-trained with, and what the
+  MAML code's test does,
 
 for each ``--steps`` asked, on a copy of the run folder (the run's own ``eval.json`` is left as it is).
 
@@ -38,8 +39,7 @@ def eval_run(run: Path, steps: int, per_pass, data: str, threads: int) -> dict:
                 shutil.copy2(run / f, copy / f)
         cmd = [sys.executable, "-m", "fastmaml", "eval", str(copy), "--data", data, "--threads", str(threads),
                "--steps", str(steps), "--quiet"]
-        if per_pass is not None:
-            cmd += ["--queries-per-pass", str(per_pass)]
+        cmd += ["--queries-per-pass", str(per_pass)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         out = json.loads((copy / "eval.json").read_text())
     out.pop("checkpoint", None)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         config = json.loads((run / "config.json").read_text())
         entry = {"config": config, "evals": []}
         for steps in a.steps:
-            for name, per_pass in (("one_pass", None), ("training_passes", config["queries"])):
+            for name, per_pass in (("one_pass", "all"), ("training_passes", config["queries"])):
                 r = eval_run(run, steps, per_pass, a.data, a.threads)
                 r["protocol"] = name
                 entry["evals"].append(r)

@@ -160,9 +160,20 @@ def test_omniglot_tiny_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("eval", run, "--episodes", "4", "--steps", "2", "--quiet") == 0
     out = capsys.readouterr().out
-    assert "accuracy after 2 inner steps: " in out and "% (95% CI over 4 episodes)." in out
+    assert "accuracy after 2 inner steps: " in out and "% (95% CI over 4 episodes); " in out
     result = json.loads((run / "eval.json").read_text())
     assert result["ways"] == 5 and result["queries"] == 5 and 0 <= result["accuracy"] <= 1
+    assert result["queries_per_pass"] == 5 and "; all 5 queries per class in one pass." in out  # 3 divides not 5
+    # the default passes are the training's (queries=3 per class): the same numbers as asking for them,
+    # other numbers than one pass (BatchNorm's batch statistics)
+    six = {}
+    for name, extra in (("default", ()), ("3", ("--queries-per-pass", "3")), ("all", ("--queries-per-pass", "all"))):
+        assert run_cli("eval", run, "--episodes", "4", "--steps", "2", "--queries", "6", "--quiet", *extra) == 0
+        six[name] = json.loads((run / "eval.json").read_text())
+    assert "; queries in passes of 3 per class." in capsys.readouterr().out.splitlines()[0]
+    assert six["default"]["queries_per_pass"] == 3 and six["all"]["queries_per_pass"] == 6
+    assert (six["default"]["accuracy"], six["default"]["loss"]) == (six["3"]["accuracy"], six["3"]["loss"])
+    assert six["default"]["loss"] != six["all"]["loss"]
     assert run_cli("plot", run) == 0
     assert (run / "plots" / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
 

@@ -9,6 +9,7 @@ written out.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -248,6 +249,37 @@ def test_cli_eval_queries_per_pass_checks(tmp_path, capsys):
 def test_summary_line_names_the_query_passes():
     base = {"config": "omniglot-5w1s", "iteration": 60000, "split": "test", "episodes": 600, "steps": 10,
             "accuracy": 0.9933, "accuracy_ci95": 0.0015, "queries": 15}
-    assert ev.summary_line(dict(base, queries_per_pass=15)).endswith("(95% CI over 600 episodes).")
+    assert ev.summary_line(dict(base, queries_per_pass=15)).endswith(
+        "(95% CI over 600 episodes); all 15 queries per class in one pass.")
     assert ev.summary_line(dict(base, queries_per_pass=1)).endswith(
         "99.33% ± 0.15% (95% CI over 600 episodes); queries in passes of 1 per class.")
+
+
+def test_queries_per_pass_default_is_the_training_passes():
+    """``fastmaml eval``'s default passes: the config's ``queries`` per class (the batch statistics of
+    meta-training) when it divides the evaluation's queries, else one pass; ``all`` is one pass; a
+    non-divisor is refused naming both numbers; sinusoid has no passes."""
+    qpp = ev.queries_per_pass
+    assert qpp(None, configs.get("omniglot-5w1s"), 15) == 1
+    assert qpp(None, configs.get("omniglot-5w5s"), 15) == 5
+    assert qpp(None, configs.get("omniglot-20w5s"), 10) == 5
+    assert qpp(None, configs.get("omniglot-5w5s"), 7) == 7           # 5 does not divide 7: one pass
+    assert qpp(None, configs.get("reptile-omniglot-5w1s"), 15) == 15  # queries=9, an inner batch
+    assert qpp("all", configs.get("omniglot-5w1s"), 15) == 15
+    assert qpp(3, configs.get("omniglot-5w1s"), 15) == 3
+    with pytest.raises(UserError, match=r"--queries-per-pass 4: expected a divisor of --queries \(15 per class\) "
+                       r"or 'all'"):
+        qpp(4, configs.get("omniglot-5w1s"), 15)
+    assert qpp(None, configs.get("sinusoid"), 100) == 100
+    assert qpp("all", configs.get("sinusoid"), 100) == 100
+    with pytest.raises(UserError, match="only for classification runs"):
+        qpp(10, configs.get("sinusoid"), 100)
+
+
+def test_cli_queries_per_pass_argument():
+    """``--queries-per-pass`` takes a positive int or ``all``; anything else is refused by argparse
+    naming what was given."""
+    assert ev._per_pass("all") == "all" and ev._per_pass("5") == 5
+    for bad in ("0", "-1", "x", "ALL", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected a positive int or 'all', got '{bad}'"):
+            ev._per_pass(bad)
