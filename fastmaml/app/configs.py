@@ -52,6 +52,13 @@ KEYS: Dict[str, Key] = {
     "resize": Key("Omniglot 105 -> image_size: lanczos (antialiased, then binarised) or nearest (the images "
                   "the MAML code trained on: PIL resizes its 1-bit PNGs by nearest neighbour)",
                   choices=("lanczos", "nearest"), absent="lanczos"),
+    "task_rotations": Key("Omniglot training tasks: class (N distinct character-rotation classes: a task may hold one "
+                          "character at two rotations) or character (the MAML code's: N distinct characters, each at "
+                          "its own random rotation); evaluation episodes are always class",
+                          choices=("class", "character"), absent="class"),
+    "task_pool": Key("Omniglot training tasks: 0 (a fresh task every time) or P (the MAML code's 200000: P tasks drawn "
+                     "up front from the seed and cycled in order; with task_rotations=character the rotations are "
+                     "drawn again each time)", min=0, absent=0),
     "download": Key("download the data set when it is missing (where the data layer can)", resumable=True),
     "hidden": Key("conv filters per layer (conv4) / hidden widths (mlp, a comma-separated list)", min=1),
     "init": Key("initialization: torch (PyTorch's defaults) or paper (the MAML code's: fully connected weights "
@@ -148,7 +155,8 @@ _OMNIGLOT = dict(
     _COMMON,
     dataset="omniglot", model="conv4", hidden=64, max_pool=True, init="torch",
     ways=5, shots=1, queries=1, eval_queries=15,
-    image_size=28, rotations=True, split_scheme="vinyals", resize="lanczos", download=False,
+    image_size=28, rotations=True, split_scheme="vinyals", resize="lanczos", task_rotations="class", task_pool=0,
+    download=False,
     inner_lr=0.4, inner_steps=1,
     meta_batch=32, iterations=60000,
     val_every=1000, val_episodes=100, eval_batch=50,

@@ -136,7 +136,8 @@ def make_dataset(config: Config, split: str, root: Optional[str], device: torch.
             return data.Omniglot(root=root, split=split, ways=config["ways"], shots=config["shots"], queries=queries,
                                  image_size=config["image_size"], split_scheme=config["split_scheme"],
                                  rotations=config["rotations"], device=device, download=config["download"],
-                                 seed=seed, resize=config["resize"])
+                                 seed=seed, resize=config["resize"], task_rotations=config["task_rotations"],
+                                 task_pool=config["task_pool"])
         if dataset == "miniimagenet":
             kw: Dict[str, Any] = {}
             params = inspect.signature(data.MiniImageNet).parameters

@@ -9,6 +9,13 @@ strokes on white, inverted). A class is a character at one rotation: ``rotDDD`` 
 turned counter-clockwise by DDD degrees, ``torch.rot90(x, DDD // 90, dims=(-2, -1))``.
 
 Samples are float32 ``[T, N*K, 1, H, W]`` with stroke = 1.0, background = 0.0.
+
+Training tasks (``sample``) pick N distinct classes by default, so a task may hold one character at
+two rotations (0.6 % of 5-way tasks over 1,200 characters, 11 % of 20-way ones). The MAML code picks
+N distinct *characters* and turns each by its own random multiple of 90 degrees
+(``task_rotations="character"``); with ``task_pool`` it keeps each pooled task's characters and
+drawings and redraws the rotations every time, as the code does. Evaluation episodes (``episodes``)
+always pick N distinct classes.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import decode, omniglot_files, splits
-from .sampler import TaskSampler, check_int
+from .sampler import TaskSampler, check_int, sample_without_replacement
 
 
 class Omniglot(TaskSampler):
@@ -41,7 +48,13 @@ class Omniglot(TaskSampler):
         num_workers: decoding processes on a cache miss (None: one per core).
         resize: ``"lanczos"`` (antialiased, the default) or ``"nearest"`` (the images the MAML code
             trained on); see ``decode``.
+        task_rotations: training tasks of N distinct classes (``"class"``, the default) or of N
+            distinct characters, each at its own random rotation (``"character"``, the MAML code's).
+        task_pool: 0 (a fresh training task every time) or P: P training tasks drawn up front and
+            cycled in order (the MAML code: 200,000); see ``sampler``.
     """
+
+    TASK_ROTATIONS = ("class", "character")
 
     def __init__(
         self,
@@ -60,8 +73,13 @@ class Omniglot(TaskSampler):
         cache_dir=None,
         num_workers: Optional[int] = None,
         resize: str = "lanczos",
+        task_rotations: str = "class",
+        task_pool: int = 0,
     ):
         splits.check_split(split_scheme, split)
+        if task_rotations not in self.TASK_ROTATIONS:
+            raise ValueError(f"task_rotations: expected one of {', '.join(self.TASK_ROTATIONS)}, got {task_rotations!r}")
+        self.task_rotations = task_rotations
         decode.check_resize(resize)
         self.resize = resize
         self.split = split
@@ -113,9 +131,38 @@ class Omniglot(TaskSampler):
         turned = torch.stack([torch.rot90(base, k, dims=(-2, -1)) for k in used])  # [turns, chars, 20, H, W]
         pick = torch.tensor([slot[k] * len(uniq) + at[r] for k, r in zip(turns, rows)], dtype=torch.long)
         images = turned.flatten(0, 1).index_select(0, pick)
+        # class_at[turn slot, character] -> class index, for tasks drawn by character
+        class_at = torch.full((len(used), len(uniq)), -1, dtype=torch.long)
+        for c, (k, r) in enumerate(zip(turns, rows)):
+            class_at[slot[k], at[r]] = c
+        if task_rotations == "character" and bool((class_at < 0).any()):
+            raise ValueError(f"task_rotations: 'character' needs every character of the {split_scheme} {split!r} split "
+                             f"at all of its rotations {used}; some are missing")
+        if task_rotations == "character" and ways > len(uniq):
+            raise ValueError(f"ways: task_rotations='character' needs at most {len(uniq)} (the characters of the "
+                             f"{split_scheme} {split!r} split), got {ways}")
         h, w = images.shape[-2:]
         super().__init__(
             images, ways, shots, queries, device, seed,
             item_shape=(1, h, w), class_names=class_names,
             name=f"Omniglot {split_scheme} split {split!r}" + ("" if self.rotations else " without rotations"),
+            task_pool=task_pool,
         )
+        self._class_at = class_at.to(self.device)
+
+    def _draw_kept(self, num_tasks, generator, device):
+        if self.task_rotations == "class":
+            return super()._draw_kept(num_tasks, generator, device)
+        # the code's tasks: N distinct characters (their turns drawn in _finish_training)
+        chars = sample_without_replacement((num_tasks,), self._class_at.shape[1], self.ways, generator, device)
+        examples = sample_without_replacement(
+            (num_tasks, self.ways), self.examples_per_class, self.shots + self.queries, generator, device
+        )
+        return chars, examples
+
+    def _finish_training(self, kept, generator):
+        if self.task_rotations == "class":
+            return super()._finish_training(kept, generator)
+        chars, examples = kept
+        turns = torch.randint(0, self._class_at.shape[0], chars.shape, generator=generator, device=chars.device)
+        return self._class_at[turns, chars], examples
