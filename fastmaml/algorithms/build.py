@@ -51,8 +51,15 @@ def make_learner(config: Dict[str, Any], model: nn.Module):
 
 
 def make_optimizer(config: Dict[str, Any], params) -> torch.optim.Optimizer:
+    tf_eps = config.get("adam_epsilon", "torch") == "tf"
     if config.get("meta_optimizer", "adam") == "sgd":
+        if tf_eps:
+            raise ValueError("adam_epsilon=tf: this config's meta-optimizer is SGD (meta_optimizer=sgd), not Adam")
         return torch.optim.SGD(params, lr=config["meta_lr"])
+    if tf_eps:
+        from ..tf_adam import TFEpsilonAdam
+
+        return TFEpsilonAdam(params, lr=config["meta_lr"])
     return torch.optim.Adam(params, lr=config["meta_lr"])
 
 

@@ -85,6 +85,9 @@ KEYS: Dict[str, Key] = {
     "meta_batch": Key("tasks per meta-update", min=1),
     "meta_lr": Key("Adam learning rate of the meta-update (beta)", min=0.0),
     "grad_clip": Key("clip every meta-gradient element to [-grad_clip, grad_clip]; 0 disables", min=0.0),
+    "adam_epsilon": Key("where the meta-optimizer Adam adds its epsilon 1e-8: torch (to the bias-corrected "
+                        "sqrt(v)) or tf (the MAML code's TensorFlow Adam: to sqrt(v) before the correction; "
+                        "fastmaml.tf_adam)", choices=("torch", "tf"), absent="torch"),
     "iterations": Key("meta-training iterations (meta-updates)", min=1, resumable=True),
     "seed": Key("seed of the initialization, the task sampler and every RNG", min=0),
     # bookkeeping
@@ -133,6 +136,7 @@ _COMMON = {
     "batching": "auto",
     "cuda_graph": False,
     "meta_lr": 1e-3,
+    "adam_epsilon": "torch",
     "test_steps": 10,
     "grad_clip": 0.0,
     "log_every": 100,

@@ -108,14 +108,17 @@ def build_learner(config: Config, device: torch.device):
 
         try:
             learner = algorithms.make_learner(config, model)
+            return learner, algorithms.make_optimizer(config, learner.parameters())
         except (ValueError, TypeError) as e:
             raise UserError(f"config {config['config']}: {first_line(e)}") from None
-        return learner, algorithms.make_optimizer(config, learner.parameters())
     learner = MAML(model, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
                    first_order=config["first_order"], learn_lr=config["learn_lr"], memory=config["memory"],
                    kernels=config["kernels"], batching=config["batching"], cuda_graph=config["cuda_graph"])
-    opt = torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
-    return learner, opt
+    if config["adam_epsilon"] == "tf":
+        from ..tf_adam import TFEpsilonAdam
+
+        return learner, TFEpsilonAdam(learner.parameters(), lr=config["meta_lr"])
+    return learner, torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
 
 
 def make_dataset(config: Config, split: str, root: Optional[str], device: torch.device,
