@@ -6,6 +6,11 @@
   ``Linear(hidden, ways)``); 84x84 mini-ImageNet images with 32 filters end as 5x5x32 (the head is
   ``Linear(32 * 25, ways)``). With ``max_pool=False`` the blocks use stride-2 convolutions instead
   and the last feature map is averaged over space, as the paper's public code does for Omniglot.
+  ``padding="tf"`` pads those stride-2 convolutions as TensorFlow's "SAME" does (the code's): an
+  even input side gets its one padding row and column at the bottom and right only
+  (``nn.ZeroPad2d((0, 1, 0, 1))`` before an unpadded convolution), an odd one a row and column on
+  every side; the default pads every side by 1. The output sizes are the same; the sampling grid
+  of an even input moves by one pixel. (Stride-1 3x3 convolutions pad 1 on every side either way.)
 * :func:`mlp`: the sinusoid regressor, 1-40-40-1 with ReLU.
 * :func:`mlp_bn`: the paper's Omniglot network without convolutions (section 5.2): the flattened
   image through hidden layers of 256, 128, 64, 64 units, each Linear + BatchNorm + ReLU, then the
@@ -37,6 +42,7 @@ __all__ = ["conv4", "mlp", "mlp_bn", "Conv4", "PerStepBatchNorm", "build", "pape
            "INITS"]
 
 INITS = ("torch", "paper")
+CONV_PADDINGS = ("symmetric", "tf")
 #: the ``init`` of a config saved before the key existed: PyTorch's defaults. The application's
 #: configs say the same (``KEYS["init"].absent``; tests/test_configs.py checks that they agree), and
 #: the library does not import them.
@@ -220,8 +226,11 @@ class Conv4(nn.Module):
     """``features`` (the four conv blocks) then ``classifier`` (a linear layer)."""
 
     def __init__(self, ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = True,
-                 image_size: int = 28, blocks: int = 4, per_step_bn: Optional[int] = None) -> None:
+                 image_size: int = 28, blocks: int = 4, per_step_bn: Optional[int] = None,
+                 padding: str = "symmetric") -> None:
         super().__init__()
+        if padding not in CONV_PADDINGS:
+            raise ValueError(f"conv4: padding must be one of {', '.join(CONV_PADDINGS)}, got {padding!r}")
         if ways < 1 or hidden < 1 or in_channels < 1 or blocks < 1:
             raise ValueError(f"conv4: ways, hidden, in_channels and blocks must be >= 1, got "
                              f"{ways}, {hidden}, {in_channels}, {blocks}")
@@ -231,18 +240,24 @@ class Conv4(nn.Module):
         if side < 1:
             raise ValueError(f"conv4: {image_size}x{image_size} images are too small for {blocks} max-pooling blocks")
         layers = []
-        c = in_channels
+        c, n = in_channels, image_size
         for _ in range(blocks):
             if max_pool:
                 layers += [nn.Conv2d(c, hidden, 3, padding=1), _batchnorm(hidden, per_step_bn, 2),
                            nn.ReLU(), nn.MaxPool2d(2)]
+            elif padding == "tf" and n % 2 == 0:
+                # TensorFlow's SAME for a 3x3 stride-2 convolution of an even side n: (n/2 - 1) * 2 + 3 - n
+                # = 1 padding row, placed after (bottom / right)
+                layers += [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, hidden, 3, stride=2, padding=0),
+                           _batchnorm(hidden, per_step_bn, 2), nn.ReLU()]
             else:
                 layers += [nn.Conv2d(c, hidden, 3, stride=2, padding=1), _batchnorm(hidden, per_step_bn, 2),
                            nn.ReLU()]
-            c = hidden
+            c, n = hidden, (n // 2 if max_pool else (n + 1) // 2)
         self.features = nn.Sequential(*layers)
         self.max_pool = max_pool
         self.image_size = image_size
+        self.padding = padding
         features = hidden * side * side if max_pool else hidden
         self.classifier = nn.Linear(features, ways)
 
@@ -253,14 +268,16 @@ class Conv4(nn.Module):
 
 
 def conv4(ways: int, hidden: int = 64, in_channels: int = 1, max_pool: bool = True, image_size: int = 28,
-          per_step_bn: Optional[int] = None, init: str = "torch", head_init: str = "normal") -> Conv4:
+          per_step_bn: Optional[int] = None, init: str = "torch", head_init: str = "normal",
+          padding: str = "symmetric") -> Conv4:
     """The paper's 4-block conv net (see the module docstring). ``image_size``: the input side
     (28 for Omniglot, 84 for mini-ImageNet), which fixes the width of the linear head.
     ``per_step_bn``: None (BatchNorm2d) or S >= 1 (:class:`PerStepBatchNorm` with S weight sets).
     ``init``: "torch" (PyTorch's defaults) or "paper" (:func:`paper_conv_init_` with ``head_init``:
-    "normal", the code's Omniglot head, or "xavier", its mini-ImageNet head)."""
+    "normal", the code's Omniglot head, or "xavier", its mini-ImageNet head). ``padding``: "symmetric"
+    or "tf" (TensorFlow's SAME for the stride-2 convolutions; see the module docstring)."""
     _check_init(init, "conv4")
-    net = Conv4(ways, hidden, in_channels, max_pool, image_size, per_step_bn=per_step_bn)
+    net = Conv4(ways, hidden, in_channels, max_pool, image_size, per_step_bn=per_step_bn, padding=padding)
     return paper_conv_init_(net, head_init) if init == "paper" else net
 
 
@@ -318,7 +335,7 @@ def build(config) -> nn.Module:
         # the MAML code's head: N(0, 1) for Omniglot, Xavier for mini-ImageNet (construct_conv_weights)
         head = "xavier" if config["dataset"] == "miniimagenet" else "normal"
         return conv4(config["ways"], config["hidden"], channels, config.get("max_pool", True), config["image_size"],
-                     per_step_bn=sets, init=init, head_init=head)
+                     per_step_bn=sets, init=init, head_init=head, padding=config.get("conv_padding", "symmetric"))
     raise ValueError(f"unknown model {config['model']!r}")
 
 

@@ -2,13 +2,14 @@
 chosen so that every pair of options occurs (used by tests/test_fused_grammar.py).
 
 The grammar is what ``fastmaml/layers/program.py`` compiles: ``nn.Sequential`` (nested too) of
-Conv2d (square kernel 1..3, stride 1 or 2, zero padding 0 or 1, with or without bias), BatchNorm2d /
+Conv2d (square kernel 1..3, stride 1 or 2, zero padding 0 or 1, with or without bias; sometimes
+after a ZeroPad2d of 0..2 on each side, symmetric or not), BatchNorm2d /
 BatchNorm1d / PerStepBatchNorm (affine or not, any eps, running statistics tracked or not) fused
 with a following ReLU / LeakyReLU and (2-d) MaxPool2d(2), standalone ReLU / LeakyReLU, standalone
 MaxPool2d(2), AdaptiveAvgPool2d(1), Flatten, Linear (with or without bias, on the last dimension
 of a flat vector, of [C, L] or of an image) and Identity; and
-:class:`fastmaml.models.Conv4` (max-pool or stride-2 blocks with the mean over space, per-step
-BatchNorm or not). Every layer is placed wherever PyTorch accepts its input: first on the raw input,
+:class:`fastmaml.models.Conv4` (max-pool or stride-2 blocks with the mean over space, the latter
+padded symmetrically or as TensorFlow's SAME, per-step BatchNorm or not). Every layer is placed wherever PyTorch accepts its input: first on the raw input,
 after a convolution, a BatchNorm block, an activation, a pool, the global mean or a Linear.
 
 A :class:`Case` is one model, one task batch and one learner configuration. :func:`draw` walks the
@@ -45,8 +46,10 @@ SLOPES = (0.01, 0.2, 0.5, -0.3, 1.6)  # LeakyReLU negative slopes: small, usual,
 LR_MODES = ("scalar", "per_step", "per_layer_per_step", "per_parameter")
 
 Spec = Tuple  # ("conv", cin, cout, k, stride, pad, bias) / ("bn", kind, C, affine, eps, steps, track)
+#               ("zpad", left, right, top, bottom) (always right before a "conv")
 #               ("act", slope) / ("pool",) / ("gap",) / ("flatten",) / ("linear", fin, fout, bias)
-#               ("id",) / ("seq", (Spec, ...)) / ("conv4", ways, hidden, cin, max_pool, side, blocks, S)
+#               ("id",) / ("seq", (Spec, ...))
+#               ("conv4", ways, hidden, cin, max_pool, side, blocks, S, padding)
 
 
 @dataclass(frozen=True)
@@ -83,19 +86,25 @@ class Case:
                 f"frozen={self.frozen}")
 
 
-def _sees_input(n: int, k: int, s: int, p: int) -> bool:
-    """Does some output of a convolution (size n, kernel k, stride s, padding p) read a real input
-    position? (A 1x1 kernel with padding 1 and stride 2 on a 1-wide map reads only padding: its
-    output is the bias alone and everything before it gets no gradient.)"""
-    return any(i * s - p + k - 1 >= 0 and i * s - p <= n - 1 for i in range((n + 2 * p - k) // s + 1))
+def _sees_input(n: int, k: int, s: int, p: int, before: int = 0, after: int = 0) -> bool:
+    """Does some output of a convolution (size n, kernel k, stride s, padding p, after a ZeroPad2d of
+    ``before`` / ``after``) read a real input position? (A 1x1 kernel with padding 1 and stride 2 on a
+    1-wide map reads only padding: its output is the bias alone and everything before it gets no
+    gradient.)"""
+    length = before + n + after
+    return any(i * s - p + k - 1 >= before and i * s - p <= before + n - 1
+               for i in range((length + 2 * p - k) // s + 1))
 
 
 class _Walk:
     """The grammar walk: appends layer specs, tracks the per-example shape, the parameters (their
     indices in model order: which are BatchNorm's, which the last layer's) and the features."""
 
-    def __init__(self, rng: random.Random, n_min: int, K: int) -> None:
+    def __init__(self, rng: random.Random, n_min: int, K: int, pad_rng: Optional[random.Random] = None) -> None:
         self.rng = rng
+        # the ZeroPad2d choices draw from a stream of their own, so that adding them left every other
+        # choice of every case as it was (the sample kept its cover)
+        self.pad_rng = pad_rng if pad_rng is not None else random.Random(0)
         self.n_min = n_min
         self.K = K
         self.layers: List[Spec] = []
@@ -135,15 +144,25 @@ class _Walk:
     def conv(self, cout: int) -> bool:
         C, H, W = self.shape
         r = self.rng
+        pre = (0, 0, 0, 0)  # a ZeroPad2d before it: (left, right, top, bottom)
+        if self.pad_rng.random() < 0.25:
+            pre = tuple(self.pad_rng.choice((0, 0, 1, 2)) for _ in range(4))
+            pre = pre if any(pre) else (0, 1, 0, 1)
+        left, right, top, bottom = pre
+        Hp, Wp = H + top + bottom, W + left + right
         options = [(k, s, p) for k in (1, 2, 3) for s in (1, 2) for p in (0, 1)
-                   if H + 2 * p >= k and W + 2 * p >= k and _sees_input(H, k, s, p) and _sees_input(W, k, s, p)]
+                   if Hp + 2 * p >= k and Wp + 2 * p >= k and _sees_input(H, k, s, p, top, bottom)
+                   and _sees_input(W, k, s, p, left, right)]
         k, s, p = r.choice(options)
         bias = r.random() < 0.6
-        Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        Ho, Wo = (Hp + 2 * p - k) // s + 1, (Wp + 2 * p - k) // s + 1
         self.f("node=conv", f"conv.k={k}", f"conv.stride={s}", f"conv.pad={p}", f"conv.bias={bias}",
-               f"conv.cin1={C == 1}", f"conv.after={self.prev}", f"conv.odd_in={H % 2 == 1 or W % 2 == 1}")
-        if C == 1 and k == 3 and p == 1:
+               f"conv.cin1={C == 1}", f"conv.after={self.prev}", f"conv.odd_in={H % 2 == 1 or W % 2 == 1}",
+               f"conv.pre_pad={any(pre)}")
+        if C == 1 and k == 3 and p == 1 and not any(pre):
             self.f("conv.cin1_k3p1=True")  # the Triton backend's direct kernel
+        if any(pre):
+            self.layers.append(("zpad", *pre))
         self._add(("conv", C, cout, k, s, p, bias), "conv")
         self._params(["conv"] * (2 if bias else 1))
         self.shape = (cout, Ho, Wo)
@@ -305,6 +324,7 @@ def _conv4(w: _Walk, ways: int) -> Tuple[Spec, Tuple[int, ...]]:
     blocks = r.choice((1, 2, 3))
     cin, hidden = r.choice((1, 2, 3)), r.choice((2, 3, 5))
     per_step = r.choice((None, None, 1, 2, 4))
+    padding = "tf" if not max_pool and w.pad_rng.random() < 0.5 else "symmetric"
     side = r.choice((5, 6, 7, 8, 9))
     sizes, s = [], side
     for _ in range(blocks):
@@ -319,8 +339,8 @@ def _conv4(w: _Walk, ways: int) -> Tuple[Spec, Tuple[int, ...]]:
     w.f("root=conv4", f"conv4.max_pool={max_pool}", "node=conv", "conv.k=3", f"conv.stride={1 if max_pool else 2}",
         "conv.pad=1", "conv.bias=True", f"conv.cin1={cin == 1}", "node=bn", "bn.affine=True", "bn.act=relu",
         f"bn.pool={max_pool}", f"bn.kind={'ps2d' if per_step else 'bn2d'}", "node=linear", "linear.bias=True",
-        "out=vector")
-    if cin == 1:
+        "out=vector", f"conv4.padding={padding}")
+    if cin == 1 and (max_pool or padding == "symmetric" or side % 2 == 1):
         w.f("conv.cin1_k3p1=True")
     if per_step:
         w.f("bn.steps=" + ("S<K" if per_step < w.K else "S=K" if per_step == w.K else "S>K"))
@@ -330,7 +350,7 @@ def _conv4(w: _Walk, ways: int) -> Tuple[Spec, Tuple[int, ...]]:
     for _ in range(blocks):
         w._params(["conv", "conv", "bn", "bn"])
     w._params(["linear", "linear"])
-    return ("conv4", ways, hidden, cin, max_pool, side, blocks, per_step), (cin, side, side)
+    return ("conv4", ways, hidden, cin, max_pool, side, blocks, per_step, padding), (cin, side, side)
 
 
 def draw(seed: int) -> Case:
@@ -340,7 +360,7 @@ def draw(seed: int) -> Case:
     n_support, n_query = r.choice((1, 2, 3, 5)), r.choice((1, 3, 4))
     K = r.choice((1, 2, 3))
     loss = r.choice(("ce", "mse"))
-    w = _Walk(r, min(n_support, n_query), K)
+    w = _Walk(r, min(n_support, n_query), K, pad_rng=random.Random(f"zero-padding {seed}"))
     fout = r.choice((2, 3, 5)) if loss == "ce" else r.choice((1, 2, 3))
     root = r.choice(("conv", "conv", "conv", "mlp", "seq", "conv4"))
     if root == "conv4":
@@ -470,6 +490,8 @@ def _module(spec: Spec) -> nn.Module:
     if kind == "conv":
         _, cin, cout, k, s, p, bias = spec
         return nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias)
+    if kind == "zpad":
+        return nn.ZeroPad2d(tuple(spec[1:]))
     if kind == "bn":
         _, bn_kind, C, affine, eps, S, track = spec
         if bn_kind.startswith("ps"):
@@ -492,9 +514,9 @@ def _module(spec: Spec) -> nn.Module:
     if kind == "seq":
         return nn.Sequential(*[_module(s) for s in spec[1]])
     if kind == "conv4":
-        _, ways, hidden, cin, max_pool, side, blocks, S = spec
+        _, ways, hidden, cin, max_pool, side, blocks, S, padding = spec
         return Conv4(ways, hidden=hidden, in_channels=cin, max_pool=max_pool, image_size=side, blocks=blocks,
-                     per_step_bn=S)
+                     per_step_bn=S, padding=padding)
     raise ValueError(f"unknown layer spec {spec!r}")
 
 

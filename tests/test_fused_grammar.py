@@ -267,12 +267,15 @@ def _category(node, name: str, value):
                                             else "leaky")
     if name == "steps":
         return "per-step" if value else 0
+    if name == "pre_pad":
+        return None if value is None else "symmetric" if len(set(value)) == 1 else "asymmetric"
     return value
 
 
 # Every field of every node type program.py compiles, and the values the sample must show.
 NODE_FIELDS = {
-    program.Conv: {"weight": {"param"}, "bias": {"param", None}, "stride": {1, 2}, "padding": {0, 1}},
+    program.Conv: {"weight": {"param"}, "bias": {"param", None}, "stride": {1, 2}, "padding": {0, 1},
+                   "pre_pad": {None, "symmetric", "asymmetric"}},
     program.BatchNormBlock: {"weight": {"param", None}, "bias": {"param", None}, "eps": {1e-5, 1e-3},
                              "slope": {"relu", "leaky", "none"}, "pool": {0, 2}, "steps": {0, "per-step"}},
     program.Act: {"slope": {"relu", "leaky"}},

@@ -67,6 +67,10 @@ KEYS: Dict[str, Key] = {
                 choices=("torch", "paper"), absent="torch"),
     "max_pool": Key("conv4: 2x2 max-pooling after each block (paper text); false: stride-2 convolutions "
                     "and a global average pool (paper code)"),
+    "conv_padding": Key("conv4's stride-2 convolutions (max_pool=false): symmetric (1 on every side) or tf (the "
+                        "MAML code's TensorFlow SAME: an even side padded at the bottom and right only); the "
+                        "stride-1 ones pad 1 on every side either way", choices=("symmetric", "tf"),
+                        absent="symmetric"),
     # MAML
     "inner_lr": Key("inner-loop (adaptation) learning rate alpha", min=0.0),
     "inner_steps": Key("inner gradient steps in meta-training", min=1),
@@ -157,7 +161,7 @@ _SINUSOID = dict(
 
 _OMNIGLOT = dict(
     _COMMON,
-    dataset="omniglot", model="conv4", hidden=64, max_pool=True, init="torch",
+    dataset="omniglot", model="conv4", hidden=64, max_pool=True, init="torch", conv_padding="symmetric",
     ways=5, shots=1, queries=1, eval_queries=15,
     image_size=28, rotations=True, split_scheme="vinyals", resize="lanczos", task_rotations="class", task_pool=0,
     download=False,
@@ -168,7 +172,7 @@ _OMNIGLOT = dict(
 
 _MINIIMAGENET = dict(
     _COMMON,
-    dataset="miniimagenet", model="conv4", hidden=32, max_pool=True, init="torch",
+    dataset="miniimagenet", model="conv4", hidden=32, max_pool=True, init="torch", conv_padding="symmetric",
     ways=5, shots=1, queries=15, eval_queries=15,
     image_size=84,
     inner_lr=0.01, inner_steps=5,
@@ -379,6 +383,9 @@ def check_config(config: Config) -> None:
         if c["shots"] + c["queries"] > 20 or c["shots"] + c["eval_queries"] > 20:
             raise UserError(f"Omniglot has 20 drawings per character: shots + queries must be <= 20, got "
                             f"shots={c['shots']}, queries={c['queries']}, eval_queries={c['eval_queries']}")
+    if c.get("conv_padding", "symmetric") != "symmetric" and c["model"] != "conv4":
+        raise UserError(f"conv_padding={c['conv_padding']}: only for the conv4 network; this config's model is "
+                        f"{c['model']}")
     if c.get("split_scheme") == "maml" and c["val_every"] > 0:
         raise UserError("split_scheme=maml has no validation split; also pass --set val_every=0")
     if c["model"] == "conv4" and c.get("max_pool", True) and c["image_size"] < 16:

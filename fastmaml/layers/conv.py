@@ -2,7 +2,11 @@
 
     y[t] = conv2d(x[t], w[t]) + b[t]     x [T, N, C, H, W], w [T, O, C, kh, kw], b [T, O], y [T, N, O, Ho, Wo]
 
-(square kernel, equal stride and padding on both axes, zero padding, dilation 1, groups 1).
+(square kernel, equal stride and padding on both axes, zero padding, dilation 1, groups 1). A node
+may also pad its input first, by any zero padding ``pre_pad = (left, right, top, bottom)`` (a
+``nn.ZeroPad2d`` before the convolution: TensorFlow's asymmetric SAME): padding is linear, so every
+pass pads what goes into the convolution (x, R{x}) and crops what comes out towards the input
+(dL/dx, R{dL/dx}) to the unpadded positions.
 conv is linear in x and in w, so with conv^T its transpose in x and wgrad(x, dy) its transpose in w:
 
 * forward:    y = conv(x, w) + b
@@ -206,9 +210,9 @@ def family_kernels(backend: str, triton_layers=None) -> Dict[str, Callable]:
 
 @dataclass
 class ConvSaved(Saved):
-    x: Optional[Tensor] = None              # the input [T, N, C, H, W]
+    x: Optional[Tensor] = None              # the input [T, N, C, H, W] (after pre_pad)
     yshape: Optional[torch.Size] = None     # the output's shape [T, N, O, Ho, Wo]
-    rx: Optional[Tensor] = None             # R{x} (R-forward; None: zero)
+    rx: Optional[Tensor] = None             # R{x} (R-forward, after pre_pad; None: zero)
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,20 @@ class Conv:
     bias: Optional[str]
     stride: int
     padding: int
+    pre_pad: Optional[Tuple[int, int, int, int]] = None  # (left, right, top, bottom), before the convolution
+
+    def _pad(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        return x if x is None or self.pre_pad is None else F.pad(x, self.pre_pad)
+
+    def _crop(self, dx: Optional[Tensor]) -> Optional[Tensor]:
+        """The gradient at the padded input, back on the unpadded positions (the padding's adjoint)."""
+        if dx is None or self.pre_pad is None:
+            return dx
+        left, right, top, bottom = self.pre_pad
+        return dx[..., top:dx.shape[-2] - bottom, left:dx.shape[-1] - right].contiguous()
 
     def forward(self, ctx: PassContext, h: Tensor, save: bool):
+        h = self._pad(h)
         b = ctx.params[self.bias] if self.bias else None
         y = ctx.kernels.conv2d_forward(h, ctx.params[self.weight], b, self.stride, self.padding)
         return y, (ConvSaved(x=h, yshape=y.shape) if save else None)
@@ -230,10 +246,11 @@ class Conv:
                                                  need_dx=need_dx, need_dw=want_w, need_bias=want_b)
         ctx.put(self.weight if want_w else None, dw)
         ctx.put(self.bias if want_b else None, db)
-        return dx
+        return self._crop(dx)
 
     def rforward(self, ctx: PassContext, s: ConvSaved, r: Optional[Tensor]) -> Optional[Tensor]:
         K, U = ctx.kernels, ctx.direction
+        r = self._pad(r)
         s.rx = r
         uw, ub = U.get(self.weight), (U.get(self.bias) if self.bias else None)
         w = ctx.params[self.weight]
@@ -277,4 +294,4 @@ class Conv:
             rdb = rd.sum(dim=(1, 3, 4))
         ctx.put(self.weight if want_w else None, rdw)
         ctx.put(self.bias if want_b else None, rdb)
-        return rdx
+        return self._crop(rdx)

@@ -9,6 +9,9 @@ module                       node
 ===========================  ==================================================================
 Conv2d                       ``Conv``: square kernel, equal stride and padding, zero padding,
                              dilation 1, groups 1, with or without bias
+ZeroPad2d, then Conv2d       ``Conv`` with ``pre_pad``: any zero padding (e.g. TensorFlow's
+                             asymmetric SAME, ``conv4(padding="tf")``); a ZeroPad2d before
+                             anything else is not supported
 BatchNorm2d / BatchNorm1d    ``BatchNormBlock``, fused with a following ReLU/LeakyReLU and a
                              following MaxPool2d(2); per-task batch statistics, affine or not
 PerStepBatchNorm             ``BatchNormBlock`` with ``steps = S``: weight/bias [S, C], the runner
@@ -107,6 +110,16 @@ def compile_model(model: nn.Module) -> List[Node]:
     while i < len(leaves):
         name, m = leaves[i]
         where = f"{name} ({type(m).__name__})"
+        pre_pad = None
+        if isinstance(m, nn.ZeroPad2d):
+            if i + 1 >= len(leaves) or not isinstance(leaves[i + 1][1], nn.Conv2d):
+                raise Unsupported(f"{where}: a ZeroPad2d runs fused only right before a Conv2d")
+            pre_pad = tuple(int(v) for v in m.padding)  # (left, right, top, bottom)
+            if min(pre_pad) < 0:
+                raise Unsupported(f"{where}: negative padding (cropping) {pre_pad}")
+            i += 1
+            name, m = leaves[i]
+            where = f"{name} ({type(m).__name__})"
         if isinstance(m, nn.Conv2d):
             try:
                 k = _square(m.kernel_size)
@@ -115,7 +128,8 @@ def compile_model(model: nn.Module) -> List[Node]:
                 raise Unsupported(f"{where}: {e} kernel, stride or padding") from None
             if padding is None or m.groups != 1 or not _pair_is(m.dilation, 1) or m.padding_mode != "zeros" or k < 1:
                 raise Unsupported(f"{where}: only groups=1, dilation=1, zero padding given as a number")
-            nodes.append(Conv(_pname(name, m, "weight"), _pname(name, m, "bias"), stride, padding))
+            nodes.append(Conv(_pname(name, m, "weight"), _pname(name, m, "bias"), stride, padding,
+                              pre_pad if pre_pad and any(pre_pad) else None))
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, PerStepBatchNorm)):
             per_step = isinstance(m, PerStepBatchNorm)
             two_d = m.dims == 2 if per_step else isinstance(m, nn.BatchNorm2d)
