@@ -6,6 +6,7 @@ sampler's internals; and the defaults draw exactly what the code before these op
 """
 
 import hashlib
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -93,7 +94,8 @@ def test_the_pool_cycles_keeps_characters_and_drawings_and_redraws_rotations(dat
 
 def test_the_pool_resumes_and_follows_the_seed_alone(data):
     """``state_dict`` / ``load_state_dict`` in the middle of a cycle continues it exactly (query
-    images too); the pool depends on ``seed`` only; evaluation episodes never come from the pool."""
+    images too); the pool depends on ``seed`` only; evaluation episodes never come from the pool
+    (those of a sampler without one are the same)."""
     kw = dict(ways=5, shots=1, queries=3, task_rotations="character", task_pool=40)
     a = train_sampler(data, seed=9, **kw)
     a.sample(25)
@@ -109,10 +111,27 @@ def test_the_pool_resumes_and_follows_the_seed_alone(data):
     other = train_sampler(data, seed=10, **kw)
     first, second = tasks(c, 40), tasks(other, 40)
     assert [[(ch, d) for ch, _, d in t] for t in first] != [[(ch, d) for ch, _, d in t] for t in second]
-    plain = train_sampler(data, seed=9, ways=5, shots=1, queries=3)
+    plain = train_sampler(data, seed=9, ways=5, shots=1, queries=3, task_rotations="character")
     for x, y in zip(next(c.episodes(20, batch=20, seed=1, return_indices=True)),
                     next(plain.episodes(20, batch=20, seed=1, return_indices=True))):
         assert torch.equal(x, y)
+
+
+def test_evaluation_episodes_by_character(data):
+    """``episodes`` follow ``task_rotations`` too (the MAML code's test tasks: 20 distinct characters
+    over the 423 test characters, where 29 % of class-drawn 20-way tasks repeat one), fixed by the
+    seed."""
+    kw = dict(split="test", split_scheme="maml", ways=20, shots=1, queries=1)
+
+    def chars(o):
+        return [[o.class_names[i // 20].rsplit("/", 1)[0] for i in row]
+                for *_, si, _ in o.episodes(100, batch=50, seed=2, return_indices=True) for row in si.tolist()]
+
+    by_char = chars(Omniglot(data, task_rotations="character", **kw))
+    assert all(len(set(t)) == 20 for t in by_char)
+    assert by_char == chars(Omniglot(data, task_rotations="character", **kw))
+    by_class = chars(Omniglot(data, **kw))
+    assert 15 <= sum(len(set(t)) < 20 for t in by_class) <= 45
 
 
 def test_bad_arguments_name_what_was_given(data):
@@ -141,3 +160,7 @@ def test_cli_trains_with_the_codes_tasks_and_resumes_bitwise(data, tmp_path):
     a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the test episodes: by class unless asked (the config's task_rotations is the training's)
+    for flag, want in ((), "class"), (("--task-rotations", "character"), "character"):
+        assert cli.main(["eval", str(whole), "--episodes", "4", "--quiet", "--threads", "1", *flag]) == 0
+        assert json.loads((whole / "eval.json").read_text())["task_rotations"] == want

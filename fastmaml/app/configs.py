@@ -54,7 +54,7 @@ KEYS: Dict[str, Key] = {
                   choices=("lanczos", "nearest"), absent="lanczos"),
     "task_rotations": Key("Omniglot training tasks: class (N distinct character-rotation classes: a task may hold one "
                           "character at two rotations) or character (the MAML code's: N distinct characters, each at "
-                          "its own random rotation); evaluation episodes are always class",
+                          "its own random rotation); validation always class, fastmaml eval: --task-rotations",
                           choices=("class", "character"), absent="class"),
     "task_pool": Key("Omniglot training tasks: 0 (a fresh task every time) or P (the MAML code's 200000: P tasks drawn "
                      "up front from the seed and cycled in order; with task_rotations=character the rotations are "

@@ -171,7 +171,7 @@ def _follower(args, ctx: Context) -> int:
     val_ds = None
     if config["val_every"] > 0:
         val_ds = make_dataset(config, "val", args.data, ctx.device, queries=config["eval_queries"],
-                              seed=config["val_seed"])
+                              seed=config["val_seed"], task_rotations="class")
     start, progress_state = 0, {"elapsed": 0.0, "window": {"loss": 0.0, "accuracy": 0.0, "count": 0}}
     if state is not None:
         learner.model.load_state_dict(state["model"])

@@ -85,6 +85,9 @@ def add_arguments(p) -> None:
                    help="classification: send the queries through the adapted network K per class at a time, so "
                    "BatchNorm's batch statistics see N*K query images (K must divide --queries); 'all': every "
                    "query in one pass; default: the config's queries, the passes the run was meta-trained with")
+    p.add_argument("--task-rotations", choices=("class", "character"), default=None,
+                   help="Omniglot: episodes of N distinct character-rotation classes (class, the default) or of N "
+                   "distinct characters, each at its own random rotation (character: the MAML code's test tasks)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which classes to test on")
     p.add_argument("--batch", type=_positive_int, default=None, help="episodes at a time (default: eval_batch)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -330,6 +333,9 @@ def _main(args) -> int:
     seed = {"test": config["eval_seed"], "val": config["val_seed"], "train": config["eval_seed"]}[args.split]
     queries = args.queries or config["eval_queries"]
     per_pass = queries_per_pass(args.queries_per_pass, config, queries)
+    if args.task_rotations is not None and config["dataset"] != "omniglot":
+        raise UserError(f"--task-rotations: only for Omniglot runs, this one is {config['dataset']}")
+    task_rotations = args.task_rotations or "class"
     if config["dataset"] == "omniglot" and config["shots"] + queries > 20:
         raise UserError(f"--queries {queries}: Omniglot has 20 drawings per character, shots ({config['shots']}) "
                         "+ queries must be <= 20")
@@ -337,7 +343,8 @@ def _main(args) -> int:
     if data is None and config["dataset"] != "sinusoid":  # the data folder the run trained on, if it says
         data = remembered = run_info.data_folder(run_dir)
     try:
-        ds = make_dataset(config, args.split, data, device, queries=queries, seed=seed, can_set=False)
+        ds = make_dataset(config, args.split, data, device, queries=queries, seed=seed, can_set=False,
+                          task_rotations=task_rotations)
     except UserError as e:
         if remembered is None:
             raise
@@ -359,6 +366,8 @@ def _main(args) -> int:
     }
     if config["dataset"] != "sinusoid":
         out["ways"] = config["ways"]
+    if config["dataset"] == "omniglot":
+        out["task_rotations"] = task_rotations
         out["data"] = run_info.user_data_folder(data, getattr(ds, "root", None), config["dataset"])
     out.update(result)
     out["ci"] = CI_NOTE

@@ -122,9 +122,12 @@ def build_learner(config: Config, device: torch.device):
 
 
 def make_dataset(config: Config, split: str, root: Optional[str], device: torch.device,
-                 queries: Optional[int] = None, seed: Optional[int] = None, can_set: bool = True):
+                 queries: Optional[int] = None, seed: Optional[int] = None, can_set: bool = True,
+                 task_rotations: Optional[str] = None):
     """The task sampler of ``config`` for ``split`` ('train', 'val', 'test'); ``can_set``: the
-    command takes ``--set`` (the data-not-found message suggests ``--set download=true`` then)."""
+    command takes ``--set`` (the data-not-found message suggests ``--set download=true`` then).
+    Omniglot: ``task_rotations`` (None: the config's, meant for the training tasks; validation and
+    evaluation pass their own)."""
     try:
         from .. import data
     except ImportError as e:  # pragma: no cover - the data layer is part of the package
@@ -139,7 +142,8 @@ def make_dataset(config: Config, split: str, root: Optional[str], device: torch.
             return data.Omniglot(root=root, split=split, ways=config["ways"], shots=config["shots"], queries=queries,
                                  image_size=config["image_size"], split_scheme=config["split_scheme"],
                                  rotations=config["rotations"], device=device, download=config["download"],
-                                 seed=seed, resize=config["resize"], task_rotations=config["task_rotations"],
+                                 seed=seed, resize=config["resize"],
+                                 task_rotations=task_rotations or config["task_rotations"],
                                  task_pool=config["task_pool"])
         if dataset == "miniimagenet":
             kw: Dict[str, Any] = {}

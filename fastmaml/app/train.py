@@ -218,7 +218,7 @@ def _main_locked(args, config: Config, device: torch.device, run_dir: Path) -> i
         val_ds = None
         if config["val_every"] > 0:
             val_ds = make_dataset(config, "val", args.data, device, queries=config["eval_queries"],
-                                  seed=config["val_seed"])
+                                  seed=config["val_seed"], task_rotations="class")
     except UserError as e:
         if getattr(args, "remembered_data", None) is None:
             raise

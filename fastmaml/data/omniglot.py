@@ -10,12 +10,12 @@ turned counter-clockwise by DDD degrees, ``torch.rot90(x, DDD // 90, dims=(-2, -
 
 Samples are float32 ``[T, N*K, 1, H, W]`` with stroke = 1.0, background = 0.0.
 
-Training tasks (``sample``) pick N distinct classes by default, so a task may hold one character at
-two rotations (0.6 % of 5-way tasks over 1,200 characters, 11 % of 20-way ones). The MAML code picks
-N distinct *characters* and turns each by its own random multiple of 90 degrees
-(``task_rotations="character"``); with ``task_pool`` it keeps each pooled task's characters and
-drawings and redraws the rotations every time, as the code does. Evaluation episodes (``episodes``)
-always pick N distinct classes.
+Tasks pick N distinct classes by default, so a task may hold one character at two rotations (0.6 %
+of 5-way training tasks over 1,200 characters, 11 % of 20-way ones; 29 % of 20-way tasks over the 423
+test characters). The MAML code picks N distinct *characters* and turns each by its own random
+multiple of 90 degrees (``task_rotations="character"``, for training tasks and evaluation episodes
+alike); with ``task_pool`` the training tasks keep each pooled task's characters and drawings and
+redraw the rotations every time, as the code does.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ class Omniglot(TaskSampler):
         num_workers: decoding processes on a cache miss (None: one per core).
         resize: ``"lanczos"`` (antialiased, the default) or ``"nearest"`` (the images the MAML code
             trained on); see ``decode``.
-        task_rotations: training tasks of N distinct classes (``"class"``, the default) or of N
-            distinct characters, each at its own random rotation (``"character"``, the MAML code's).
+        task_rotations: tasks (training and evaluation) of N distinct classes (``"class"``, the
+            default) or of N distinct characters, each at its own random rotation (``"character"``,
+            the MAML code's).
         task_pool: 0 (a fresh training task every time) or P: P training tasks drawn up front and
             cycled in order (the MAML code: 200,000); see ``sampler``.
     """

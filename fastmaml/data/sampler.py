@@ -206,7 +206,7 @@ class TaskSampler:
 
     # What a pooled task keeps and what is drawn again each time it is used. By default a task is
     # all kept: (classes [n, N], examples [n, N, K+Q]); Omniglot's per-character rotations keep the
-    # characters and redraw their rotations.
+    # characters and redraw their rotations. Evaluation episodes are drawn the same way (never pooled).
     def _draw_kept(self, num_tasks: int, generator: torch.Generator, device: torch.device) -> Tuple[Tensor, ...]:
         return self._draw(num_tasks, generator, device)
 
@@ -281,7 +281,7 @@ class TaskSampler:
         cpu = torch.device("cpu")
 
         def draw(n, g):
-            return self._draw(n, g, cpu)
+            return self._finish_training(self._draw_kept(n, g, cpu), g)
 
         def gen():
             for classes, examples in iter_fixed_batches(num_episodes, batch, seed, draw):
