@@ -10,9 +10,12 @@ this runs ``fastmaml eval`` on the same 600 fixed test episodes (the config's ``
   default of ``fastmaml eval``): the batch statistics the run was meta-trained with, and what the
   MAML code's test does,
 
-for each ``--steps`` asked, on a copy of the run folder (the run's own ``eval.json`` is left as it is).
+for each ``--steps`` asked and each ``--task-rotations`` (Omniglot's test episodes: ``class``, the
+default, or ``character``, the MAML code's test tasks of distinct characters), on a copy of the run
+folder (the run's own ``eval.json`` is left as it is).
 
     python bench/eval_protocols.py RUN_DIR [RUN_DIR ...] --out FILE.json --what "..." [--steps 10 3]
+                                   [--task-rotations class character]
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
 
-def eval_run(run: Path, steps: int, per_pass, data: str, threads: int) -> dict:
+def eval_run(run: Path, steps: int, per_pass, data: str, threads: int, task_rotations: str = "class") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / run.name
         copy.mkdir()
@@ -40,6 +43,8 @@ def eval_run(run: Path, steps: int, per_pass, data: str, threads: int) -> dict:
         cmd = [sys.executable, "-m", "fastmaml", "eval", str(copy), "--data", data, "--threads", str(threads),
                "--steps", str(steps), "--quiet"]
         cmd += ["--queries-per-pass", str(per_pass)]
+        if task_rotations != "class":
+            cmd += ["--task-rotations", task_rotations]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         out = json.loads((copy / "eval.json").read_text())
     out.pop("checkpoint", None)
@@ -53,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--what", required=True, help="what the runs compare (goes into the JSON)")
     p.add_argument("--steps", type=int, nargs="+", default=[10])
+    p.add_argument("--task-rotations", nargs="+", choices=("class", "character"), default=["class"])
     p.add_argument("--data", default=os.environ.get("FASTMAML_DATA", "../shared/data"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--note", default="", help="machine load while it ran, etc.")
@@ -61,17 +67,18 @@ def main(argv=None) -> int:
         p.error(f"--out: expected a .json file, got {a.out}")
     result = {"what": a.what, "machine": machine("cpu"), "note": a.note,
               "command": "python bench/eval_protocols.py " + " ".join(map(str, a.runs)) + " --steps "
-              + " ".join(map(str, a.steps)), "runs": {}}
+              + " ".join(map(str, a.steps)) + " --task-rotations " + " ".join(a.task_rotations), "runs": {}}
     for run in a.runs:
         config = json.loads((run / "config.json").read_text())
         entry = {"config": config, "evals": []}
-        for steps in a.steps:
-            for name, per_pass in (("one_pass", "all"), ("training_passes", config["queries"])):
-                r = eval_run(run, steps, per_pass, a.data, a.threads)
-                r["protocol"] = name
-                entry["evals"].append(r)
-                print(f"{run.name:40s} {r['iteration']:>6d} it  {steps:>2d} steps  {name:16s} "
-                      f"{100 * r['accuracy']:6.2f} ± {100 * r['accuracy_ci95']:.2f} %")
+        for rotations in a.task_rotations:
+            for steps in a.steps:
+                for name, per_pass in (("one_pass", "all"), ("training_passes", config["queries"])):
+                    r = eval_run(run, steps, per_pass, a.data, a.threads, rotations)
+                    r["protocol"] = name
+                    entry["evals"].append(r)
+                    print(f"{run.name:40s} {r['iteration']:>6d} it  {steps:>2d} steps  {rotations:9s} {name:16s} "
+                          f"{100 * r['accuracy']:6.2f} ± {100 * r['accuracy_ci95']:.2f} %")
         result["runs"][run.name] = entry
     write_json(a.out.stem, result, str(a.out.parent))
     return 0
