@@ -154,16 +154,16 @@ class Omniglot(TaskSampler):
     def _draw_kept(self, num_tasks, generator, device):
         if self.task_rotations == "class":
             return super()._draw_kept(num_tasks, generator, device)
-        # the code's tasks: N distinct characters (their turns drawn in _finish_training)
+        # the code's tasks: N distinct characters (their turns drawn in _finish_task)
         chars = sample_without_replacement((num_tasks,), self._class_at.shape[1], self.ways, generator, device)
         examples = sample_without_replacement(
             (num_tasks, self.ways), self.examples_per_class, self.shots + self.queries, generator, device
         )
         return chars, examples
 
-    def _finish_training(self, kept, generator):
+    def _finish_task(self, kept, generator):
         if self.task_rotations == "class":
-            return super()._finish_training(kept, generator)
+            return super()._finish_task(kept, generator)
         chars, examples = kept
         turns = torch.randint(0, self._class_at.shape[0], chars.shape, generator=generator, device=chars.device)
         return self._class_at[turns, chars], examples

@@ -27,7 +27,7 @@ A task pool (``task_pool=P > 0``, what the MAML code does: it draws 200,000 trai
 and cycles through them in order): the first call to ``sample`` draws P tasks from a generator of
 their own, seeded by ``seed`` alone, and training task i is pool entry ``i mod P``
 (``tasks_sampled`` says where the stream is, so a resumed sampler continues the cycle). A sampler
-may redraw part of each pooled task every time (``_finish_training``: Omniglot's per-character
+may redraw part of each pooled task every time (``_finish_task``: Omniglot's per-character
 rotations, as in the code). Evaluation episodes never come from the pool.
 
 Episode layout: support sorted by label then shot (``support_y = [0]*K + [1]*K + ...``), query
@@ -210,12 +210,12 @@ class TaskSampler:
     def _draw_kept(self, num_tasks: int, generator: torch.Generator, device: torch.device) -> Tuple[Tensor, ...]:
         return self._draw(num_tasks, generator, device)
 
-    def _finish_training(self, kept: Tuple[Tensor, ...], generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def _finish_task(self, kept: Tuple[Tensor, ...], generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         return kept[0], kept[1]
 
     def _build_pool(self) -> Tuple[Tensor, ...]:
         """The ``task_pool`` tasks' kept parts, on the CPU in the smallest integer type that holds
-        them (200,000 20-way 5-shot tasks: 44 MB instead of 355 MB as int64)."""
+        them (200,000 20-way 5-shot tasks: 48 MB instead of 352 MB as int64)."""
         g = torch.Generator(device="cpu")
         g.manual_seed(self.seed ^ POOL_SEED_SALT)
         cpu = torch.device("cpu")
@@ -236,7 +236,7 @@ class TaskSampler:
                 self._pool = self._build_pool()
             rows = (torch.arange(num_tasks) + self.tasks_sampled) % self.task_pool
             kept = tuple(p.index_select(0, rows).to(self.device, torch.long) for p in self._pool)
-        return self._finish_training(kept, self._generator)
+        return self._finish_task(kept, self._generator)
 
     def _load(self, index: Tensor) -> Tensor:
         t, m = index.shape
@@ -281,7 +281,7 @@ class TaskSampler:
         cpu = torch.device("cpu")
 
         def draw(n, g):
-            return self._finish_training(self._draw_kept(n, g, cpu), g)
+            return self._finish_task(self._draw_kept(n, g, cpu), g)
 
         def gen():
             for classes, examples in iter_fixed_batches(num_episodes, batch, seed, draw):
