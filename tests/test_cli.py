@@ -178,6 +178,28 @@ def test_omniglot_tiny_end_to_end(tmp_path, capsys):
     assert (run / "plots" / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_omniglot_validation_sends_queries_in_the_training_passes(tmp_path, capsys):
+    """Validation during training sends the queries through the network ``queries`` per class at a time,
+    as ``fastmaml eval`` does by default: its accuracy and loss equal those of ``fastmaml eval --split
+    val`` on the same checkpoint and episodes, and differ from one pass (BatchNorm's batch statistics).
+    A validation that sent all queries in one pass fails this."""
+    if not os.environ.get("FASTMAML_DATA"):
+        pytest.skip("FASTMAML_DATA is unset: set it to the folder holding omniglot/ (e.g. /work/shared/data)")
+    run = tmp_path / "omni"
+    assert run_cli(*train_args("omniglot-tiny", run, "iterations=2", "val_every=2", "checkpoint_every=2",
+                               "log_every=2", "val_episodes=6", "eval_queries=6", "eval_batch=4")) == 0
+    val = [m for m in metrics(run) if m["split"] == "val"][-1]
+    assert (val["iter"], val["episodes"], val["steps"]) == (2, 6, 3)
+    evals = {}
+    for name, extra in (("default", ()), ("all", ("--queries-per-pass", "all"))):
+        assert run_cli("eval", run, "--split", "val", "--episodes", "6", "--batch", "4", "--threads", "1", "--quiet",
+                       *extra) == 0
+        evals[name] = json.loads((run / "eval.json").read_text())
+    assert evals["default"]["queries_per_pass"] == 3 and evals["default"]["queries"] == 6
+    assert (val["accuracy"], val["loss"]) == (evals["default"]["accuracy"], evals["default"]["loss"])
+    assert val["loss"] != evals["all"]["loss"]
+
+
 def test_default_run_folder_is_runs_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_cli("train", "sinusoid-tiny", "--set", "iterations=2", "val_every=0", "--threads", "1", "--quiet") == 0

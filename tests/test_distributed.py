@@ -157,6 +157,30 @@ def _in_process(argv, capsys=None):
         torch.set_num_threads(threads)
 
 
+def test_two_processes_validate_in_the_training_passes(tmp_path):
+    """Distributed validation (each rank a share of the episode batches) sends the queries ``queries``
+    per class at a time, as 1 process does: the validation line of a 2-process omniglot-tiny run equals
+    ``fastmaml eval --split val`` of its checkpoint in 1 process, which differs from one pass."""
+    if not os.environ.get("FASTMAML_DATA"):
+        pytest.skip("FASTMAML_DATA is unset: set it to the folder holding omniglot/ (e.g. /work/shared/data)")
+    run = str(tmp_path / "two")
+    r, _ = train(["omniglot-tiny", "--out", run, "--nproc", "2", "--quiet", "--threads", "1", "--set",
+                  "iterations=2", "val_every=2", "checkpoint_every=2", "log_every=2", "val_episodes=8",
+                  "eval_queries=6", "eval_batch=4"])
+    assert r.returncode == 0, r.stderr
+    val = [json.loads(s) for s in open(os.path.join(run, "metrics.jsonl"))][-1]
+    assert (val["split"], val["episodes"]) == ("val", 8)
+    evals = {}
+    for name, extra in (("default", []), ("all", ["--queries-per-pass", "all"])):
+        assert _in_process(["eval", run, "--split", "val", "--episodes", "8", "--batch", "4", "--threads", "1",
+                            "--quiet", *extra]) == 0
+        with open(os.path.join(run, "eval.json")) as f:
+            evals[name] = json.load(f)
+    assert evals["default"]["queries_per_pass"] == 3
+    assert (val["accuracy"], val["loss"]) == (evals["default"]["accuracy"], evals["default"]["loss"])
+    assert val["loss"] != evals["all"]["loss"]
+
+
 def test_two_processes_train_like_one_and_a_killed_run_resumes_exactly(tmp_path, capsys):
     common = ["--quiet", "--threads", "1", "--set", "iterations=20", "val_every=10", "checkpoint_every=10"]
     one, two, killed = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "killed")

@@ -259,7 +259,7 @@ def test_queries_per_pass_default_is_the_training_passes():
     """``fastmaml eval``'s default passes: the config's ``queries`` per class (the batch statistics of
     meta-training) when it divides the evaluation's queries, else one pass; ``all`` is one pass; a
     non-divisor is refused naming both numbers; sinusoid has no passes."""
-    qpp = ev.queries_per_pass
+    qpp = ev.resolve_queries_per_pass
     assert qpp(None, configs.get("omniglot-5w1s"), 15) == 1
     assert qpp(None, configs.get("omniglot-5w5s"), 15) == 5
     assert qpp(None, configs.get("omniglot-20w5s"), 10) == 5

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 # --help` and argument errors answer without importing torch (tests/test_cli_startup.py)
 from . import configs, run_info
 from .configs import Config
-# run_episodes: also fastmaml.app.evaluate.run_episodes, where it was defined before issue 23
-from .episodes import fixed_episodes, mean_ci95, run_episodes  # noqa: F401
+# run_episodes and query_passes: also importable from here, where they were defined before validation shared them
+from .episodes import fixed_episodes, mean_ci95, query_passes, run_episodes, training_passes  # noqa: F401
 from .errors import UserError
 from .run_setup import build_learner, keep_freed_memory, make_dataset, resolve_device, set_threads
 from .progress import Progress
@@ -47,7 +47,7 @@ COMMAND_HELP = "evaluate a trained run on fixed test episodes (mean and 95% CI);
 
 CI_NOTE = "95% confidence interval: 1.96 * sample std (ddof=1) / sqrt(n) over episodes"
 
-__all__ = ["mean_ci95", "load_run", "restore_learner", "evaluate", "queries_per_pass", "main"]
+__all__ = ["mean_ci95", "load_run", "restore_learner", "evaluate", "resolve_queries_per_pass", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -186,36 +186,6 @@ def regression_errors(learner, sx, sy, qx, qy, max_steps: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def query_passes(learner, sx, sy, qx, qy, ways: int, per_pass: int, steps: int):
-    """(accuracy [T], mean cross-entropy [T]) of every task's queries, sent through the adapted network
-    ``per_pass`` per class at a time.
-
-    The sampler lays the queries out class-major (``qy = [0]*Q + [1]*Q + ...``), so pass i takes
-    queries ``i*per_pass .. (i+1)*per_pass - 1`` of every class: each pass is a balanced N-way batch,
-    as a training query set of ``per_pass`` queries per class is. ``per_pass`` must divide Q."""
-    import torch
-    import torch.nn.functional as F
-
-    T, M = qy.shape[:2]
-    Q = M // ways
-    if Q * ways != M or Q % per_pass:
-        raise UserError(f"--queries-per-pass {per_pass}: expected a divisor of the queries per class ({Q})")
-    fast = learner.adapt(sx, sy, steps=steps)
-    by_class_x = qx.reshape(T, ways, Q, *qx.shape[2:])
-    by_class_y = qy.reshape(T, ways, Q)
-    correct = torch.zeros(T, dtype=torch.float64, device=qy.device)
-    loss_sum = torch.zeros(T, dtype=torch.float64, device=qy.device)
-    with torch.no_grad():
-        for i in range(0, Q, per_pass):
-            x = by_class_x[:, :, i:i + per_pass].reshape(T, ways * per_pass, *qx.shape[2:])
-            y = by_class_y[:, :, i:i + per_pass].reshape(T, ways * per_pass)
-            logits = learner.predict(fast, x)
-            correct += (logits.argmax(-1) == y).sum(1).double()
-            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-            loss_sum += ce.view(T, -1).double().sum(1)
-    return correct / M, loss_sum / M
-
-
 def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int, seed: int,
              progress=None, queries_per_pass=None) -> Dict[str, Any]:
     """The evaluation summary dict (what eval.json holds, less the bookkeeping).
@@ -229,13 +199,10 @@ def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int,
         accs: List[float] = []
         losses: List[float] = []
         for sx, sy, qx, qy in fixed_episodes(ds, episodes, batch, seed):
-            if queries_per_pass is None:
-                out = learner.evaluate(sx, sy, qx, qy, steps=steps)
-                acc, loss = out.task_accuracy, out.task_losses
-            else:
-                acc, loss = query_passes(learner, sx, sy, qx, qy, config["ways"], queries_per_pass, steps)
-            accs.extend(acc.double().cpu().tolist())
-            losses.extend(loss.double().cpu().tolist())
+            batch_losses, batch_accs = run_episodes(learner, [(sx, sy, qx, qy)], steps, True, config["ways"],
+                                                    queries_per_pass)
+            accs.extend(batch_accs)
+            losses.extend(batch_losses)
             done += sx.shape[0]
             if progress is not None:
                 progress.update(done, accuracy=float(np.mean(accs)))
@@ -292,7 +259,7 @@ def summary_line(result: Dict[str, Any]) -> str:
     return f"{head}: MSE " + "; ".join(parts)
 
 
-def queries_per_pass(requested, config: Config, queries: int) -> int:
+def resolve_queries_per_pass(requested, config: Config, queries: int) -> int:
     """The query images per class in each forward pass of ``fastmaml eval``, for an evaluation with
     ``queries`` per class: ``requested`` (a positive int that divides ``queries``, or ``"all"``), or by
     default (None) the config's ``queries``, the passes the run was meta-trained with, when it divides
@@ -307,7 +274,7 @@ def queries_per_pass(requested, config: Config, queries: int) -> int:
     if requested == "all":
         return queries
     if requested is None:
-        return config["queries"] if queries % config["queries"] == 0 else queries
+        return training_passes(config, queries)
     if queries % requested:
         raise UserError(f"--queries-per-pass {requested}: expected a divisor of --queries ({queries} per class) "
                         "or 'all'")
@@ -332,7 +299,7 @@ def _main(args) -> int:
     batch = args.batch or config["eval_batch"]
     seed = {"test": config["eval_seed"], "val": config["val_seed"], "train": config["eval_seed"]}[args.split]
     queries = args.queries or config["eval_queries"]
-    per_pass = queries_per_pass(args.queries_per_pass, config, queries)
+    per_pass = resolve_queries_per_pass(args.queries_per_pass, config, queries)
     if args.task_rotations is not None and config["dataset"] != "omniglot":
         raise UserError(f"--task-rotations: only for Omniglot runs, this one is {config['dataset']}")
     task_rotations = args.task_rotations or "class"

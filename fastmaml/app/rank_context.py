@@ -130,10 +130,10 @@ class Context:
             except ValueError:  # not the main thread
                 pass
 
-    def run_episodes(self, learner, episodes, steps: int, classification: bool):
+    def run_episodes(self, learner, episodes, steps: int, classification: bool, ways=None, per_pass=None):
         """Distributed validation: rank r evaluates the batches i with i % W == r of the fixed
         episodes; every rank gets all per-episode losses and accuracies, in the 1-process order."""
-        mine = [(i, run_episodes(learner, [batch], steps, classification))
+        mine = [(i, run_episodes(learner, [batch], steps, classification, ways, per_pass))
                 for i, batch in enumerate(episodes) if i % self.world == self.rank]
         gathered: List[Any] = [None] * self.world
         try:

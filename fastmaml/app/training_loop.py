@@ -24,7 +24,7 @@ from ..distributed import SliceSampler
 from . import checkpoint as ckpt_mod
 from . import metrics_file, rank_context
 from .configs import Config
-from .episodes import fixed_episodes, mean_ci95, run_episodes
+from .episodes import fixed_episodes, mean_ci95, run_episodes, training_passes
 from .errors import TrainingError, first_line
 from .progress import Progress
 from .run_folder import read_metrics
@@ -237,7 +237,12 @@ def validate(learner, val_ds, config: Config, it: int, classification: bool) -> 
         run_all = run_episodes
         if rank_context.current() is not None:  # each rank a share of the episodes, gathered in order
             run_all = rank_context.current().run_episodes
-        losses, accs = run_all(learner, episodes, config["test_steps"], classification)
+        # the queries in the passes of meta-training, as `fastmaml eval` does (BatchNorm's batch statistics)
+        per_pass = training_passes(config, config["eval_queries"]) if classification else None
+        if per_pass == config["eval_queries"]:
+            per_pass = None
+        losses, accs = run_all(learner, episodes, config["test_steps"], classification,
+                               config.get("ways"), per_pass)
     loss, loss_ci = mean_ci95(losses)
     line: Dict[str, Any] = {"split": "val", "iter": it, "loss": loss, "loss_ci95": loss_ci}
     if classification:
