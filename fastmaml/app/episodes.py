@@ -51,11 +51,12 @@ def training_passes(config, queries: int) -> int:
 def run_episodes(learner, episodes, steps: int, classification: bool, ways: Optional[int] = None,
                  per_pass: Optional[int] = None) -> Tuple[List[float], List[float]]:
     """Per-episode query losses and accuracies after ``steps`` inner steps; a classification task's
-    queries ``per_pass`` per class at a time (:func:`query_passes`; None: all in one pass)."""
+    queries ``per_pass`` per class at a time (:func:`query_passes`; None or all of them: one pass, by
+    ``learner.evaluate``)."""
     losses: List[float] = []
     accs: List[float] = []
     for sx, sy, qx, qy in episodes:
-        if per_pass is not None:
+        if per_pass is not None and per_pass * ways != qy.shape[1]:
             acc, loss = query_passes(learner, sx, sy, qx, qy, ways, per_pass, steps)
             losses.extend(loss.cpu().tolist())
             accs.extend(acc.cpu().tolist())

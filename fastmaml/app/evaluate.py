@@ -323,7 +323,7 @@ def _main(args) -> int:
     except ValueError as e:
         raise UserError(f"--steps {steps}: {e}") from None
     result = evaluate(learner, config, ds, episodes, steps, batch, seed, progress=bar,
-                      queries_per_pass=None if per_pass == queries else per_pass)
+                      queries_per_pass=per_pass)
     bar.close()
     out: Dict[str, Any] = {
         "config": config["config"], "iteration": ckpt["iteration"], "checkpoint": str(ckpt_path),

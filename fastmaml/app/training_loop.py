@@ -239,8 +239,6 @@ def validate(learner, val_ds, config: Config, it: int, classification: bool) -> 
             run_all = rank_context.current().run_episodes
         # the queries in the passes of meta-training, as `fastmaml eval` does (BatchNorm's batch statistics)
         per_pass = training_passes(config, config["eval_queries"]) if classification else None
-        if per_pass == config["eval_queries"]:
-            per_pass = None
         losses, accs = run_all(learner, episodes, config["test_steps"], classification,
                                config.get("ways"), per_pass)
     loss, loss_ci = mean_ci95(losses)
