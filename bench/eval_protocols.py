@@ -65,9 +65,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.out.suffix != ".json":
         p.error(f"--out: expected a .json file, got {a.out}")
-    result = {"what": a.what, "machine": machine("cpu"), "note": a.note,
+    info = machine("cpu")
+    info["torch_threads"] = a.threads  # the evaluations run in subprocesses with --threads, not in this one
+    result = {"what": a.what, "machine": info, "note": a.note,
               "command": "python bench/eval_protocols.py " + " ".join(map(str, a.runs)) + " --steps "
-              + " ".join(map(str, a.steps)) + " --task-rotations " + " ".join(a.task_rotations), "runs": {}}
+              + " ".join(map(str, a.steps)) + " --task-rotations " + " ".join(a.task_rotations)
+              + f" --threads {a.threads}", "runs": {}}
     for run in a.runs:
         config = json.loads((run / "config.json").read_text())
         entry = {"config": config, "evals": []}
