@@ -189,7 +189,8 @@ def regression_errors(learner, sx, sy, qx, qy, max_steps: int) -> torch.Tensor:
 def evaluate(learner, config: Config, ds, episodes: int, steps: int, batch: int, seed: int,
              progress=None, queries_per_pass=None) -> Dict[str, Any]:
     """The evaluation summary dict (what eval.json holds, less the bookkeeping).
-    ``queries_per_pass``: see :func:`query_passes` (None: every query in one pass)."""
+    ``queries_per_pass``: see :func:`~fastmaml.app.episodes.run_episodes` (None, or every query per
+    class: one pass)."""
     import numpy as np
     import torch
 
